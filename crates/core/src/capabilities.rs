@@ -1,0 +1,118 @@
+//! What a store can do, as data.
+//!
+//! Each store instance answers [`ConnectionStore::capabilities`](crate::ConnectionStore) with one
+//! [`Capabilities`] value. Its fields are the columns of the classic comparison of user-mapping
+//! strategies (more than one server, list connected users, survives restarts, speed) plus how
+//! records orphaned by a crashed node are cleaned up. The conformance suite checks every claim
+//! against behaviour, and the README's capability table is rendered from these values.
+
+use std::fmt::Write as _;
+
+/// Whether, and at what cost, a store can list the connected users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum UserListing {
+    /// The store cannot list users (for example: membership lives in per-node hub groups).
+    /// [`ConnectionStore::users`](crate::ConnectionStore::users) and `counts` return
+    /// [`StoreError::Unsupported`](crate::StoreError::Unsupported).
+    Unsupported,
+    /// Listing visits every user on each page: fine for admin pages, not for hot paths.
+    FullScan,
+    /// Listing walks an ordered index: each page costs about its own size.
+    Indexed,
+}
+
+/// How fast a store answers, in orders of magnitude.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Speed {
+    /// In-process data structures: well under a microsecond per operation.
+    InProcess,
+    /// A network round trip to an external service per operation that misses any cache.
+    Network,
+}
+
+/// How records orphaned by a node that stopped without cleaning up get removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum OrphanCleanup {
+    /// Each node renews a lease with
+    /// [`heartbeat`](crate::ConnectionStore::heartbeat); any node's
+    /// [`sweep`](crate::ConnectionStore::sweep) removes the connections of nodes whose lease
+    /// expired.
+    LeaseSweep,
+    /// Membership is held by the hub framework on the node that owns the socket, so it vanishes
+    /// with that node; `heartbeat` and `sweep` return `Unsupported`.
+    DiesWithNode,
+}
+
+/// What a store instance can do. One value per store instance; the conformance suite holds the
+/// store to every claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Capabilities {
+    /// Short name of the strategy, as given to `--store` (`memory`, `groups`, `sql`, `azure`).
+    pub strategy: &'static str,
+    /// Several server nodes can share the store and see each other's connections.
+    pub shared_across_nodes: bool,
+    /// [`connections`](crate::ConnectionStore::connections) answers for a user. When `false`,
+    /// it returns `Unsupported` and the server delivers to users through per-user groups.
+    pub lookup: bool,
+    /// Whether and how connected users can be listed (and counted).
+    pub list_users: UserListing,
+    /// Records survive a restart of the server process (and of the store itself).
+    pub survives_restart: bool,
+    /// How fast operations are.
+    pub speed: Speed,
+    /// How orphaned records are cleaned up.
+    pub orphan_cleanup: OrphanCleanup,
+}
+
+impl Capabilities {
+    /// Whether [`users`](crate::ConnectionStore::users) and
+    /// [`counts`](crate::ConnectionStore::counts) are supported.
+    pub fn can_list_users(&self) -> bool {
+        self.list_users != UserListing::Unsupported
+    }
+
+    /// Whether [`heartbeat`](crate::ConnectionStore::heartbeat) and
+    /// [`sweep`](crate::ConnectionStore::sweep) are supported.
+    pub fn has_leases(&self) -> bool {
+        self.orphan_cleanup == OrphanCleanup::LeaseSweep
+    }
+
+    /// Renders a Markdown table with one row per store, the columns of the classic comparison.
+    pub fn markdown_table(stores: &[Capabilities]) -> String {
+        let mut out = String::from(
+            "| store | more than one server | look up a user's connections | list connected users | survives restarts | speed | orphaned records |\n\
+             |---|---|---|---|---|---|---|\n",
+        );
+        for c in stores {
+            let yes_no = |b: bool| if b { "yes" } else { "no" };
+            let listing = match c.list_users {
+                UserListing::Unsupported => "no",
+                UserListing::FullScan => "yes (full scan per page)",
+                UserListing::Indexed => "yes (indexed pages)",
+            };
+            let speed = match c.speed {
+                Speed::InProcess => "in-process",
+                Speed::Network => "network round trip",
+            };
+            let orphans = match c.orphan_cleanup {
+                OrphanCleanup::LeaseSweep => "node leases + sweep",
+                OrphanCleanup::DiesWithNode => "die with their node",
+            };
+            let _ = writeln!(
+                out,
+                "| `{}` | {} | {} | {} | {} | {} | {} |",
+                c.strategy,
+                yes_no(c.shared_across_nodes),
+                yes_no(c.lookup),
+                listing,
+                yes_no(c.survives_restart),
+                speed,
+                orphans
+            );
+        }
+        out
+    }
+}

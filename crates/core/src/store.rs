@@ -1,0 +1,190 @@
+//! The [`ConnectionStore`] trait: which user is behind which connection.
+
+use std::fmt;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+use crate::capabilities::Capabilities;
+use crate::error::StoreError;
+use crate::id::{ConnectionId, NodeId, UserId};
+use crate::record::ConnectionRecord;
+
+/// What [`ConnectionStore::remove`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Removal {
+    /// The connection was recorded for that user and is now gone.
+    Removed,
+    /// No such connection was recorded for that user; nothing changed. This is not an error:
+    /// disconnect cleanup may race with a sweep, or run twice.
+    NotFound,
+}
+
+/// One page request for [`ConnectionStore::users`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Only users strictly after this one (in byte order of their ids) are returned; `None`
+    /// starts at the beginning. Pass the previous page's [`UserPage::next`].
+    pub after: Option<UserId>,
+    /// Most users per page; at least 1 is always used. Default 100.
+    pub limit: usize,
+}
+
+impl PageRequest {
+    /// The first page with `limit` users at most.
+    pub fn first(limit: usize) -> Self {
+        Self { after: None, limit }
+    }
+
+    /// `limit` clamped to at least 1.
+    pub fn effective_limit(&self) -> usize {
+        self.limit.max(1)
+    }
+}
+
+impl Default for PageRequest {
+    fn default() -> Self {
+        Self::first(100)
+    }
+}
+
+/// A page of connected users, in ascending byte order of their ids.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UserPage {
+    /// Users on this page, each with at least one live connection when the page was read.
+    pub users: Vec<UserId>,
+    /// Cursor for the next page, `None` when this was the last one.
+    pub next: Option<UserId>,
+}
+
+/// How many users and connections a store holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    /// Users with at least one live connection.
+    pub users: u64,
+    /// Live connections.
+    pub connections: u64,
+}
+
+/// Which authenticated user is behind which real-time connection.
+///
+/// One trait for the four user-mapping strategies (in-memory map, per-user groups, SQL table,
+/// Azure table), used as `Arc<dyn ConnectionStore>` because the store is picked at run time.
+/// The server calls [`add`](Self::add) when a connection is established,
+/// [`remove`](Self::remove) when it ends (on every exit path) and
+/// [`reconnect`](Self::reconnect) when a client re-attaches to the same connection.
+///
+/// # Contract
+///
+/// * Connection ids are unique within a store, and a connection id belongs to one user for its
+///   whole life. Operations are keyed by `(user, connection id)`, the natural key of every
+///   strategy (the Azure strategy partitions by user).
+/// * A user is "connected" exactly while they have at least one recorded connection: removing
+///   the last connection of a user removes the user.
+/// * Answers are values, never views: a returned list does not change when the store does.
+/// * Optional operations have default bodies returning [`StoreError::Unsupported`];
+///   [`capabilities`](Self::capabilities) states up front which ones a store supports. A store
+///   never answers an unsupported question with an empty result that looks real.
+/// * All operations are safe to call concurrently from many tasks.
+#[async_trait]
+pub trait ConnectionStore: Send + Sync + fmt::Debug + 'static {
+    /// What this store instance can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Records a newly established connection.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Conflict`] if the connection id is already recorded for this user (the
+    /// existing record is left unchanged); store failures otherwise.
+    async fn add(&self, record: ConnectionRecord) -> Result<(), StoreError>;
+
+    /// Removes a connection of `user`. Removing an unknown connection (or one recorded for
+    /// another user) changes nothing and answers [`Removal::NotFound`].
+    ///
+    /// # Errors
+    ///
+    /// Store failures only.
+    async fn remove(&self, user: &UserId, id: &ConnectionId) -> Result<Removal, StoreError>;
+
+    /// Records that a connection re-attached (SignalR stateful reconnect): inserts the record if
+    /// it is missing (for example after a sweep) or replaces the stored one (node, user agent,
+    /// connection time). Idempotent.
+    ///
+    /// # Errors
+    ///
+    /// Store failures only.
+    async fn reconnect(&self, record: ConnectionRecord) -> Result<(), StoreError>;
+
+    /// The live connections of `user`, in no particular order; empty when the user has none.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unsupported`] when [`Capabilities::lookup`] is `false`; store failures.
+    async fn connections(&self, user: &UserId) -> Result<Vec<ConnectionRecord>, StoreError> {
+        let _ = user;
+        Err(StoreError::unsupported(
+            self.capabilities().strategy,
+            "looking up a user's connections",
+        ))
+    }
+
+    /// One page of connected users, in ascending byte order of their ids.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unsupported`] when [`Capabilities::list_users`] is
+    /// [`UserListing::Unsupported`](crate::UserListing::Unsupported); store failures.
+    async fn users(&self, page: PageRequest) -> Result<UserPage, StoreError> {
+        let _ = page;
+        Err(StoreError::unsupported(
+            self.capabilities().strategy,
+            "listing connected users",
+        ))
+    }
+
+    /// How many users and connections are recorded.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unsupported`] when the store cannot list users; store failures.
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        Err(StoreError::unsupported(
+            self.capabilities().strategy,
+            "counting connected users",
+        ))
+    }
+
+    /// Renews the lease of `node` until `expires_at`. A node must renew its lease well before
+    /// it runs out; once it has, [`sweep`](Self::sweep) treats the node as dead. Leases are
+    /// compared with the callers' clocks, so keep them much longer than the clock skew between
+    /// nodes.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unsupported`] unless [`Capabilities::orphan_cleanup`] is
+    /// [`OrphanCleanup::LeaseSweep`](crate::OrphanCleanup::LeaseSweep); store failures.
+    async fn heartbeat(&self, node: &NodeId, expires_at: SystemTime) -> Result<(), StoreError> {
+        let _ = (node, expires_at);
+        Err(StoreError::unsupported(
+            self.capabilities().strategy,
+            "node leases",
+        ))
+    }
+
+    /// Removes every connection held by a node whose lease expired at or before `now`, or that
+    /// never took a lease, and forgets those leases. Returns the removed records. Idempotent;
+    /// any node may run it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unsupported`] unless the store uses node leases; store failures.
+    async fn sweep(&self, now: SystemTime) -> Result<Vec<ConnectionRecord>, StoreError> {
+        let _ = now;
+        Err(StoreError::unsupported(
+            self.capabilities().strategy,
+            "sweeping expired nodes",
+        ))
+    }
+}

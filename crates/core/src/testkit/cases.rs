@@ -1,0 +1,676 @@
+//! The conformance cases, one function per behaviour.
+//!
+//! Every case takes a [`Harness`], asks it for a fresh store and panics (like `assert!`) when
+//! the store misbehaves. Cases that depend on an optional ability first read the store's
+//! [`Capabilities`](crate::Capabilities) and then hold the store to its claim: a store that
+//! claims an ability must show it, and one that does not must answer
+//! [`StoreError::Unsupported`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+use super::{Harness, conn, node, record, t0, unique_namespace, user};
+use crate::{ConnectionRecord, ConnectionStore, NodeId, PageRequest, Removal, StoreError, UserId};
+
+async fn fresh(harness: &dyn Harness) -> Arc<dyn ConnectionStore> {
+    harness.store(&unique_namespace()).await
+}
+
+/// The live connections of `user`, sorted by id, or `None` when the store cannot look users up
+/// (then it must say `Unsupported`).
+async fn live(store: &dyn ConnectionStore, user: &UserId) -> Option<Vec<ConnectionRecord>> {
+    match store.connections(user).await {
+        Ok(mut records) => {
+            assert!(
+                store.capabilities().lookup,
+                "store answered a lookup although its capabilities say lookup = false"
+            );
+            records.sort_by(|a, b| a.id().cmp(b.id()));
+            Some(records)
+        }
+        Err(e) if e.is_unsupported() && !store.capabilities().lookup => None,
+        Err(e) => panic!("connections({user}) failed: {e}"),
+    }
+}
+
+/// Ids of `user`'s live connections, or `None` when lookup is unsupported.
+async fn live_ids(store: &dyn ConnectionStore, user: &UserId) -> Option<Vec<String>> {
+    live(store, user)
+        .await
+        .map(|records| records.iter().map(|r| r.id().to_string()).collect())
+}
+
+/// Every listed user, walking all pages of `page_size`; `None` when listing is unsupported.
+async fn all_users(store: &dyn ConnectionStore, page_size: usize) -> Option<Vec<UserId>> {
+    if !store.capabilities().can_list_users() {
+        let err = store
+            .users(PageRequest::first(page_size))
+            .await
+            .expect_err("store listed users although its capabilities say it cannot");
+        assert!(err.is_unsupported(), "expected Unsupported, got {err}");
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut after = None;
+    for _ in 0..10_000 {
+        let page = store
+            .users(PageRequest {
+                after: after.clone(),
+                limit: page_size,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("users() failed: {e}"));
+        assert!(
+            page.users.len() <= page_size,
+            "page of {} users exceeds the limit {page_size}",
+            page.users.len()
+        );
+        out.extend(page.users);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Some(out),
+        }
+    }
+    panic!("users() pagination never ended");
+}
+
+async fn add_ok(store: &dyn ConnectionStore, r: ConnectionRecord) {
+    let id = r.id().clone();
+    store
+        .add(r)
+        .await
+        .unwrap_or_else(|e| panic!("add({id}) failed: {e}"));
+}
+
+async fn remove_expect(store: &dyn ConnectionStore, u: &str, c: &str, expected: Removal) {
+    let got = store
+        .remove(&user(u), &conn(c))
+        .await
+        .unwrap_or_else(|e| panic!("remove({u}, {c}) failed: {e}"));
+    assert_eq!(got, expected, "remove({u}, {c})");
+}
+
+/// A recorded connection can be looked up with every field intact, and removed.
+pub async fn add_and_look_up(harness: &dyn Harness) {
+    let store = fresh(harness).await;
+    let r = ConnectionRecord::new(
+        conn("c-add-1"),
+        user("alice"),
+        node("node-a"),
+        t0() + Duration::from_millis(1234),
+    )
+    .with_user_agent("Microsoft SignalR/10.0 (10.0.11; Linux; NodeJS; 20.x)");
+    add_ok(&*store, r.clone()).await;
+    if let Some(records) = live(&*store, &user("alice")).await {
+        assert_eq!(
+            records,
+            vec![r],
+            "the record must read back exactly as written"
+        );
+    }
+    assert_eq!(
+        live_ids(&*store, &user("bob")).await.unwrap_or_default(),
+        Vec::<String>::new()
+    );
+    remove_expect(&*store, "alice", "c-add-1", Removal::Removed).await;
+    if let Some(records) = live(&*store, &user("alice")).await {
+        assert!(
+            records.is_empty(),
+            "removed connection still listed: {records:?}"
+        );
+    }
+}
+
+/// A user may hold any number of connections; removing one leaves the others.
+pub async fn several_connections_per_user(harness: &dyn Harness) {
+    let store = fresh(harness).await;
+    for c in ["c1", "c2", "c3"] {
+        add_ok(&*store, record(c, "alice", "node-a")).await;
+    }
+    add_ok(&*store, record("c4", "bob", "node-b")).await;
+    if let Some(ids) = live_ids(&*store, &user("alice")).await {
+        assert_eq!(ids, ["c1", "c2", "c3"]);
+        assert_eq!(
+            live_ids(&*store, &user("bob")).await,
+            Some(vec!["c4".to_string()])
+        );
+    }
+    remove_expect(&*store, "alice", "c2", Removal::Removed).await;
+    if let Some(ids) = live_ids(&*store, &user("alice")).await {
+        assert_eq!(ids, ["c1", "c3"]);
+        assert_eq!(
+            live_ids(&*store, &user("bob")).await,
+            Some(vec!["c4".to_string()])
+        );
+    }
+    if store.capabilities().can_list_users() {
+        let counts = store
+            .counts()
+            .await
+            .unwrap_or_else(|e| panic!("counts(): {e}"));
+        assert_eq!((counts.users, counts.connections), (2, 3));
+    }
+}
+
+/// A user is connected exactly while they have a connection: after the last one goes, the user
+/// is neither listed nor counted.
+pub async fn removing_the_last_connection_removes_the_user(harness: &dyn Harness) {
+    let store = fresh(harness).await;
+    add_ok(&*store, record("c1", "alice", "node-a")).await;
+    add_ok(&*store, record("c2", "alice", "node-a")).await;
+    add_ok(&*store, record("c3", "bob", "node-a")).await;
+    remove_expect(&*store, "alice", "c1", Removal::Removed).await;
+    remove_expect(&*store, "alice", "c2", Removal::Removed).await;
+    if let Some(ids) = live_ids(&*store, &user("alice")).await {
+        assert!(ids.is_empty(), "alice still has {ids:?}");
+    }
+    if let Some(users) = all_users(&*store, 10).await {
+        assert_eq!(
+            users,
+            vec![user("bob")],
+            "alice must disappear with her last connection"
+        );
+        let counts = store
+            .counts()
+            .await
+            .unwrap_or_else(|e| panic!("counts(): {e}"));
+        assert_eq!((counts.users, counts.connections), (1, 1));
+    }
+    // The user comes back with a new connection.
+    add_ok(&*store, record("c5", "alice", "node-a")).await;
+    if let Some(ids) = live_ids(&*store, &user("alice")).await {
+        assert_eq!(ids, ["c5"]);
+    }
+}
+
+/// Adding a connection id that is already recorded fails with `Conflict` and changes nothing.
+pub async fn adding_a_recorded_connection_is_a_conflict(harness: &dyn Harness) {
+    let store = fresh(harness).await;
+    let original = record("c1", "alice", "node-a");
+    add_ok(&*store, original.clone()).await;
+    let duplicate = ConnectionRecord::new(conn("c1"), user("alice"), node("node-b"), t0());
+    match store.add(duplicate).await {
+        Err(StoreError::Conflict { user: u, id }) => {
+            assert_eq!((u, id), (user("alice"), conn("c1")));
+        }
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+    if let Some(records) = live(&*store, &user("alice")).await {
+        assert_eq!(
+            records,
+            vec![original],
+            "a refused add must not change the record"
+        );
+    }
+}
+
+/// `reconnect` inserts a missing record, replaces an existing one, and repeating it changes
+/// nothing.
+pub async fn reconnect_is_an_idempotent_upsert(harness: &dyn Harness) {
+    let store = fresh(harness).await;
+    // Missing (for example swept while the client was away): inserted.
+    let r = record("c1", "alice", "node-a");
+    for _ in 0..3 {
+        store
+            .reconnect(r.clone())
+            .await
+            .unwrap_or_else(|e| panic!("reconnect failed: {e}"));
+    }
+    if let Some(records) = live(&*store, &user("alice")).await {
+        assert_eq!(
+            records,
+            vec![r.clone()],
+            "repeated reconnects must leave one record"
+        );
+    }
+    // Existing: replaced (the connection re-attached on another node).
+    let moved = r
+        .clone()
+        .with_node(node("node-b"))
+        .with_user_agent("agent/2");
+    store
+        .reconnect(moved.clone())
+        .await
+        .unwrap_or_else(|e| panic!("reconnect failed: {e}"));
+    store
+        .reconnect(moved.clone())
+        .await
+        .unwrap_or_else(|e| panic!("reconnect failed: {e}"));
+    if let Some(records) = live(&*store, &user("alice")).await {
+        assert_eq!(
+            records,
+            vec![moved],
+            "reconnect must replace the stored record"
+        );
+    }
+    if store.capabilities().can_list_users() {
+        let counts = store
+            .counts()
+            .await
+            .unwrap_or_else(|e| panic!("counts(): {e}"));
+        assert_eq!((counts.users, counts.connections), (1, 1));
+    }
+    remove_expect(&*store, "alice", "c1", Removal::Removed).await;
+}
+
+/// Removing what is not there answers `NotFound` and disturbs nothing, including a removal
+/// under the wrong user and a second removal of the same connection.
+pub async fn unknown_removals_are_harmless(harness: &dyn Harness) {
+    let store = fresh(harness).await;
+    remove_expect(&*store, "nobody", "c-none", Removal::NotFound).await;
+    add_ok(&*store, record("c1", "alice", "node-a")).await;
+    remove_expect(&*store, "alice", "c-none", Removal::NotFound).await;
+    remove_expect(&*store, "bob", "c1", Removal::NotFound).await;
+    if let Some(ids) = live_ids(&*store, &user("alice")).await {
+        assert_eq!(
+            ids,
+            ["c1"],
+            "a removal under the wrong user must not touch the record"
+        );
+    }
+    remove_expect(&*store, "alice", "c1", Removal::Removed).await;
+    remove_expect(&*store, "alice", "c1", Removal::NotFound).await;
+    if let Some(users) = all_users(&*store, 10).await {
+        assert!(
+            users.is_empty(),
+            "unknown removals must not create users: {users:?}"
+        );
+    }
+}
+
+/// User ids are normalized by `UserId::new` only (surrounding whitespace) and stores keep them
+/// byte for byte: case matters, and characters that some backends reserve in keys
+/// (`/ \ # ?`, quotes, non-ASCII) round-trip.
+pub async fn user_ids_are_normalized_once_and_compared_exactly(harness: &dyn Harness) {
+    let store = fresh(harness).await;
+    // Added with surrounding whitespace, found and removed without: one normalization.
+    add_ok(
+        &*store,
+        ConnectionRecord::new(conn("c1"), user("  Mixed.Case  "), node("n"), t0()),
+    )
+    .await;
+    if let Some(ids) = live_ids(&*store, &user("Mixed.Case")).await {
+        assert_eq!(ids, ["c1"]);
+        assert_eq!(
+            live_ids(&*store, &user("mixed.case")).await,
+            Some(vec![]),
+            "user ids are case-sensitive"
+        );
+    }
+    add_ok(&*store, record("c2", "mixed.case", "n")).await;
+    remove_expect(&*store, "\tMixed.Case\n", "c1", Removal::Removed).await;
+    if let Some(ids) = live_ids(&*store, &user("mixed.case")).await {
+        assert_eq!(ids, ["c2"], "removing Mixed.Case must not touch mixed.case");
+    }
+
+    let tricky = [
+        "a/b\\c#d?e",
+        "quote'\"s; --",
+        "Åsa Öberg 名前 🚀",
+        "%2F%00plus+space  in the middle",
+    ];
+    for (i, name) in tricky.iter().enumerate() {
+        add_ok(&*store, record(&format!("t{i}"), name, "n")).await;
+    }
+    for (i, name) in tricky.iter().enumerate() {
+        if let Some(records) = live(&*store, &user(name)).await {
+            assert_eq!(records.len(), 1, "user {name:?}");
+            assert_eq!(records[0].user().as_str(), *name, "user id must round-trip");
+            assert_eq!(records[0].id().as_str(), format!("t{i}"));
+        }
+    }
+    if let Some(users) = all_users(&*store, 2).await {
+        let mut expected: Vec<UserId> = tricky.iter().map(|n| user(n)).collect();
+        expected.push(user("mixed.case"));
+        expected.sort();
+        assert_eq!(
+            users, expected,
+            "listing must return the exact ids in byte order"
+        );
+    }
+    for (i, name) in tricky.iter().enumerate() {
+        remove_expect(&*store, name, &format!("t{i}"), Removal::Removed).await;
+    }
+}
+
+/// `lookup = true` means `connections` answers; `false` means it says `Unsupported`.
+pub async fn lookup_matches_capabilities(harness: &dyn Harness) {
+    let store = fresh(harness).await;
+    add_ok(&*store, record("c1", "alice", "node-a")).await;
+    let answer = store.connections(&user("alice")).await;
+    if store.capabilities().lookup {
+        let records = answer.unwrap_or_else(|e| panic!("lookup claimed but failed: {e}"));
+        assert_eq!(records.len(), 1);
+    } else {
+        let err = answer.expect_err("lookup = false, yet the store answered");
+        assert!(err.is_unsupported(), "expected Unsupported, got {err}");
+    }
+}
+
+/// A store that claims it can list users lists every connected user exactly once across pages,
+/// in byte order, and counts agree; one that cannot answers `Unsupported` to both.
+pub async fn listing_matches_capabilities(harness: &dyn Harness) {
+    let store = fresh(harness).await;
+    let names = ["dave", "Carol", "alice", "bob", "erin"];
+    for (i, name) in names.iter().enumerate() {
+        add_ok(&*store, record(&format!("c{i}"), name, "node-a")).await;
+        add_ok(&*store, record(&format!("d{i}"), name, "node-b")).await;
+    }
+    let caps = store.capabilities();
+    if caps.can_list_users() {
+        let mut expected: Vec<UserId> = names.iter().map(|n| user(n)).collect();
+        expected.sort();
+        for page_size in [1, 2, 3, 5, 100] {
+            assert_eq!(
+                all_users(&*store, page_size).await,
+                Some(expected.clone()),
+                "page size {page_size}"
+            );
+        }
+        let first = store
+            .users(PageRequest::first(2))
+            .await
+            .unwrap_or_else(|e| panic!("users(): {e}"));
+        assert_eq!(first.users, expected[..2]);
+        assert_eq!(first.next.as_ref(), Some(&expected[1]));
+        let last = store
+            .users(PageRequest {
+                after: Some(expected[3].clone()),
+                limit: 5,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("users(): {e}"));
+        assert_eq!(last.users, expected[4..]);
+        assert_eq!(last.next, None, "the last page has no cursor");
+        let counts = store
+            .counts()
+            .await
+            .unwrap_or_else(|e| panic!("counts(): {e}"));
+        assert_eq!((counts.users, counts.connections), (5, 10));
+    } else {
+        assert_eq!(all_users(&*store, 2).await, None);
+        let err = store.counts().await.expect_err("cannot list, yet counted");
+        assert!(err.is_unsupported(), "expected Unsupported, got {err}");
+    }
+}
+
+/// With node leases, a sweep removes the connections of nodes whose lease ran out (or that
+/// never took one) and spares the rest; without, `heartbeat` and `sweep` are `Unsupported`.
+pub async fn sweep_removes_only_expired_nodes(harness: &dyn Harness) {
+    let store = fresh(harness).await;
+    let secs = Duration::from_secs;
+    let (a, b) = (node("node-a"), node("node-b"));
+    if !store.capabilities().has_leases() {
+        let err = store
+            .heartbeat(&a, t0())
+            .await
+            .expect_err("no leases, yet heartbeat worked");
+        assert!(err.is_unsupported(), "expected Unsupported, got {err}");
+        let err = store
+            .sweep(t0())
+            .await
+            .expect_err("no leases, yet sweep worked");
+        assert!(err.is_unsupported(), "expected Unsupported, got {err}");
+        return;
+    }
+    let beat = |n: NodeId, until| {
+        let store = store.clone();
+        async move {
+            store
+                .heartbeat(&n, until)
+                .await
+                .unwrap_or_else(|e| panic!("heartbeat({n}) failed: {e}"));
+        }
+    };
+    beat(a.clone(), t0() + secs(30)).await;
+    beat(b.clone(), t0() + secs(10)).await;
+    add_ok(&*store, record("a1", "ann", "node-a")).await;
+    add_ok(&*store, record("b1", "ann", "node-b")).await;
+    add_ok(&*store, record("b2", "bob", "node-b")).await;
+    add_ok(&*store, record("c1", "cat", "node-c")).await; // node-c never took a lease
+
+    let mut swept: Vec<String> = store
+        .sweep(t0() + secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("sweep failed: {e}"))
+        .iter()
+        .map(|r| r.id().to_string())
+        .collect();
+    swept.sort();
+    assert_eq!(
+        swept,
+        ["b1", "b2", "c1"],
+        "node-b expired, node-c never had a lease"
+    );
+    if let Some(ids) = live_ids(&*store, &user("ann")).await {
+        assert_eq!(
+            ids,
+            ["a1"],
+            "node-a's lease is live: its connection must survive"
+        );
+        assert_eq!(live_ids(&*store, &user("bob")).await, Some(vec![]));
+    }
+    if let Some(users) = all_users(&*store, 10).await {
+        assert_eq!(users, vec![user("ann")]);
+    }
+    let again = store
+        .sweep(t0() + secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("sweep failed: {e}"));
+    assert!(
+        again.is_empty(),
+        "a second sweep must find nothing: {again:?}"
+    );
+
+    // node-b comes back and renews; node-a misses its renewal.
+    beat(b.clone(), t0() + secs(100)).await;
+    add_ok(&*store, record("b3", "bob", "node-b")).await;
+    let swept = store
+        .sweep(t0() + secs(50))
+        .await
+        .unwrap_or_else(|e| panic!("sweep failed: {e}"));
+    let ids: Vec<&str> = swept.iter().map(|r| r.id().as_str()).collect();
+    assert_eq!(ids, ["a1"]);
+    if let Some(ids) = live_ids(&*store, &user("bob")).await {
+        assert_eq!(ids, ["b3"]);
+        assert_eq!(live_ids(&*store, &user("ann")).await, Some(vec![]));
+    }
+}
+
+/// One operation of a task in the property-based scenario. Each task owns its connection slots,
+/// so its own results are deterministic, while users are shared between tasks.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Add(u8),
+    Remove(u8),
+    Reconnect(u8, u8),
+}
+
+const SLOTS: u8 = 4;
+const USERS: [&str; 3] = ["ann", "Ann", "bob"];
+const NODES: [&str; 2] = ["n0", "n1"];
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0..SLOTS).prop_map(Op::Add),
+        2 => (0..SLOTS).prop_map(Op::Remove),
+        1 => (0..SLOTS, 0..NODES.len() as u8).prop_map(|(s, n)| Op::Reconnect(s, n)),
+    ]
+}
+
+fn slot_user(task: usize, slot: u8) -> &'static str {
+    USERS[(task + usize::from(slot)) % USERS.len()]
+}
+
+fn slot_conn(task: usize, slot: u8) -> String {
+    format!("t{task}s{slot}")
+}
+
+/// Runs one task's operations, checking every result against the task's own sequential model.
+/// Returns the model's final state: slot → node.
+async fn run_task(
+    store: Arc<dyn ConnectionStore>,
+    task: usize,
+    ops: Vec<Op>,
+) -> Result<BTreeMap<u8, &'static str>, String> {
+    let mut model: BTreeMap<u8, &'static str> = BTreeMap::new();
+    for op in ops {
+        match op {
+            Op::Add(slot) => {
+                let r = record(&slot_conn(task, slot), slot_user(task, slot), NODES[0]);
+                let result = store.add(r).await;
+                match (model.contains_key(&slot), result) {
+                    (false, Ok(())) => {
+                        model.insert(slot, NODES[0]);
+                    }
+                    (true, Err(StoreError::Conflict { .. })) => {}
+                    (present, other) => {
+                        return Err(format!(
+                            "task {task} {op:?}: recorded={present}, store answered {other:?}"
+                        ));
+                    }
+                }
+            }
+            Op::Remove(slot) => {
+                let result = store
+                    .remove(&user(slot_user(task, slot)), &conn(&slot_conn(task, slot)))
+                    .await
+                    .map_err(|e| format!("task {task} {op:?}: {e}"))?;
+                let expected = if model.remove(&slot).is_some() {
+                    Removal::Removed
+                } else {
+                    Removal::NotFound
+                };
+                if result != expected {
+                    return Err(format!(
+                        "task {task} {op:?}: expected {expected:?}, got {result:?}"
+                    ));
+                }
+            }
+            Op::Reconnect(slot, n) => {
+                let node_name = NODES[usize::from(n)];
+                let r = record(&slot_conn(task, slot), slot_user(task, slot), node_name);
+                store
+                    .reconnect(r)
+                    .await
+                    .map_err(|e| format!("task {task} {op:?}: {e}"))?;
+                model.insert(slot, node_name);
+            }
+        }
+    }
+    Ok(model)
+}
+
+async fn run_scenario(store: Arc<dyn ConnectionStore>, tasks: Vec<Vec<Op>>) -> Result<(), String> {
+    let handles: Vec<_> = tasks
+        .into_iter()
+        .enumerate()
+        .map(|(task, ops)| tokio::spawn(run_task(store.clone(), task, ops)))
+        .collect();
+    // What the store must hold: user → {connection id → node}.
+    let mut expected: BTreeMap<&'static str, BTreeMap<String, &'static str>> =
+        USERS.iter().map(|u| (*u, BTreeMap::new())).collect();
+    for (task, handle) in handles.into_iter().enumerate() {
+        let model = handle
+            .await
+            .map_err(|e| format!("task {task} panicked: {e}"))??;
+        for (slot, node_name) in model {
+            if let Some(conns) = expected.get_mut(slot_user(task, slot)) {
+                conns.insert(slot_conn(task, slot), node_name);
+            }
+        }
+    }
+    if store.capabilities().lookup {
+        for (name, conns) in &expected {
+            let mut actual: Vec<(String, String)> = store
+                .connections(&user(name))
+                .await
+                .map_err(|e| format!("connections({name}): {e}"))?
+                .iter()
+                .map(|r| (r.id().to_string(), r.node().to_string()))
+                .collect();
+            actual.sort();
+            let wanted: Vec<(String, String)> = conns
+                .iter()
+                .map(|(c, n)| (c.clone(), (*n).to_string()))
+                .collect();
+            if actual != wanted {
+                return Err(format!(
+                    "user {name}: store holds {actual:?}, model says {wanted:?}"
+                ));
+            }
+        }
+    }
+    if store.capabilities().can_list_users() {
+        let mut wanted: Vec<UserId> = expected
+            .iter()
+            .filter(|(_, conns)| !conns.is_empty())
+            .map(|(name, _)| user(name))
+            .collect();
+        wanted.sort();
+        let listed = store
+            .users(PageRequest::first(100))
+            .await
+            .map_err(|e| format!("users(): {e}"))?
+            .users;
+        if listed != wanted {
+            return Err(format!("listed users {listed:?}, model says {wanted:?}"));
+        }
+        let counts = store.counts().await.map_err(|e| format!("counts(): {e}"))?;
+        let connections: usize = expected.values().map(BTreeMap::len).sum();
+        if (counts.users, counts.connections) != (wanted.len() as u64, connections as u64) {
+            return Err(format!(
+                "counts {counts:?}, model says {} users and {connections} connections",
+                wanted.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Random add/remove/reconnect sequences run concurrently from several tasks (sharing users,
+/// each owning its connections) end in exactly the state a sequential model predicts, and every
+/// single answer along the way matches the model.
+///
+/// Runs [`Harness::proptest_cases`] scenarios, each on a fresh store inside its own two-worker
+/// runtime. Not async: it drives its own runtimes.
+pub fn concurrent_operations_match_a_sequential_model(harness: &dyn Harness) {
+    let strategy = proptest::collection::vec(proptest::collection::vec(op_strategy(), 1..24), 2..6);
+    let mut runner = TestRunner::new(Config {
+        cases: harness.proptest_cases(),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let result = runner.run(&strategy, |tasks| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| TestCaseError::fail(format!("runtime: {e}")))?;
+        runtime.block_on(async {
+            let store = harness.store(&unique_namespace()).await;
+            run_scenario(store, tasks)
+                .await
+                .map_err(TestCaseError::fail)
+        })
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn slots_share_users_across_tasks() {
+        let users: BTreeSet<&str> = (0..3).map(|task| slot_user(task, 0)).collect();
+        assert_eq!(users.len(), USERS.len());
+    }
+}

@@ -1,0 +1,150 @@
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+use crate::{
+    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, NodeId, OrphanCleanup,
+    PageRequest, Removal, Speed, StoreError, UserId, UserListing, UserPage,
+};
+
+#[derive(Debug, Default)]
+struct State {
+    users: BTreeMap<UserId, BTreeMap<ConnectionId, ConnectionRecord>>,
+    leases: BTreeMap<NodeId, SystemTime>,
+}
+
+/// The conformance suite's model as a store: one mutex around ordered maps.
+///
+/// Obviously correct and deliberately simple; use it as a fake in unit tests, not in servers.
+/// Single process only, lists users by index, supports node leases.
+#[derive(Debug, Default)]
+pub struct ReferenceStore {
+    state: Mutex<State>,
+}
+
+impl ReferenceStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that matters
+        // for a test fake; keep going with the data.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[async_trait]
+impl ConnectionStore for ReferenceStore {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            strategy: "reference",
+            shared_across_nodes: false,
+            lookup: true,
+            list_users: UserListing::Indexed,
+            survives_restart: false,
+            speed: Speed::InProcess,
+            orphan_cleanup: OrphanCleanup::LeaseSweep,
+        }
+    }
+
+    async fn add(&self, record: ConnectionRecord) -> Result<(), StoreError> {
+        let mut state = self.state();
+        let conns = state.users.entry(record.user().clone()).or_default();
+        if conns.contains_key(record.id()) {
+            return Err(StoreError::Conflict {
+                user: record.user().clone(),
+                id: record.id().clone(),
+            });
+        }
+        conns.insert(record.id().clone(), record);
+        Ok(())
+    }
+
+    async fn remove(&self, user: &UserId, id: &ConnectionId) -> Result<Removal, StoreError> {
+        let mut state = self.state();
+        let Some(conns) = state.users.get_mut(user) else {
+            return Ok(Removal::NotFound);
+        };
+        let removed = conns.remove(id).is_some();
+        if conns.is_empty() {
+            state.users.remove(user);
+        }
+        Ok(if removed {
+            Removal::Removed
+        } else {
+            Removal::NotFound
+        })
+    }
+
+    async fn reconnect(&self, record: ConnectionRecord) -> Result<(), StoreError> {
+        let mut state = self.state();
+        state
+            .users
+            .entry(record.user().clone())
+            .or_default()
+            .insert(record.id().clone(), record);
+        Ok(())
+    }
+
+    async fn connections(&self, user: &UserId) -> Result<Vec<ConnectionRecord>, StoreError> {
+        Ok(self
+            .state()
+            .users
+            .get(user)
+            .map(|conns| conns.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn users(&self, page: PageRequest) -> Result<UserPage, StoreError> {
+        let state = self.state();
+        let limit = page.effective_limit();
+        let mut users: Vec<UserId> = match &page.after {
+            Some(after) => state
+                .users
+                .range::<UserId, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+                .map(|(u, _)| u.clone())
+                .take(limit + 1)
+                .collect(),
+            None => state.users.keys().take(limit + 1).cloned().collect(),
+        };
+        let more = users.len() > limit;
+        users.truncate(limit);
+        let next = if more { users.last().cloned() } else { None };
+        Ok(UserPage { users, next })
+    }
+
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        let state = self.state();
+        Ok(Counts {
+            users: state.users.len() as u64,
+            connections: state.users.values().map(|c| c.len() as u64).sum(),
+        })
+    }
+
+    async fn heartbeat(&self, node: &NodeId, expires_at: SystemTime) -> Result<(), StoreError> {
+        self.state().leases.insert(node.clone(), expires_at);
+        Ok(())
+    }
+
+    async fn sweep(&self, now: SystemTime) -> Result<Vec<ConnectionRecord>, StoreError> {
+        let mut state = self.state();
+        let State { users, leases } = &mut *state;
+        leases.retain(|_, expires| *expires > now);
+        let mut removed = Vec::new();
+        users.retain(|_, conns| {
+            conns.retain(|_, r| {
+                let live = leases.contains_key(r.node());
+                if !live {
+                    removed.push(r.clone());
+                }
+                live
+            });
+            !conns.is_empty()
+        });
+        Ok(removed)
+    }
+}
