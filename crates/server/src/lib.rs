@@ -1,1 +1,61 @@
-//! placeholder
+//! # switchboard
+//!
+//! A SignalR-compatible hub server that knows which authenticated user is behind which
+//! real-time connection, and delivers a message "to user X" to every device and tab X has
+//! open. The official SignalR clients (JavaScript, .NET, Java, Python) connect to it unmodified
+//! over WebSockets with the JSON hub protocol.
+//!
+//! It is a binary (`switchboard serve`) and a library: another axum application can serve a
+//! [`HubService`] (a [`Hub`](hub::Hub) of its own over any
+//! [`ConnectionStore`](switchboard_core::ConnectionStore)) under a path of its router.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use switchboard::{HubOptions, HubService, auth, chat};
+//! use switchboard_core::NodeId;
+//! use switchboard_memory::MemoryStore;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let auth = auth::Authenticator::new(auth::JwtConfig::new(
+//!     std::env::var("JWT_SECRET")?.into_bytes(),
+//! )?);
+//! let hub = HubService::new(
+//!     chat::hub(),
+//!     Arc::new(MemoryStore::new()),
+//!     NodeId::new("node-1")?,
+//!     auth,
+//!     HubOptions::default(),
+//! );
+//! let app = axum::Router::new().nest(chat::PATH, hub.router());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:5000").await?;
+//! axum::serve(listener, app).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Modules
+//!
+//! | module | what |
+//! |---|---|
+//! | [`hub`] | the hub API: methods, context, client proxies, lifecycle hooks |
+//! | [`service`] | [`HubService`]: negotiate, WebSocket transport, store wiring, shutdown |
+//! | [`protocol`] | the SignalR JSON hub protocol |
+//! | [`auth`] | JWT (HS256) bearer authentication |
+//! | [`chat`] | the chat hub |
+//! | [`app`] | the full application the `switchboard` binary serves |
+//! | [`config`] | [`HubOptions`] |
+//! | [`stores`] | the stores compiled into this build, by `--store` name |
+
+pub mod app;
+pub mod auth;
+pub mod chat;
+pub mod config;
+mod delivery;
+pub mod hub;
+pub mod protocol;
+mod registry;
+pub mod service;
+mod session;
+pub mod stores;
+
+pub use config::HubOptions;
+pub use service::HubService;

@@ -1,0 +1,157 @@
+//! The complete Switchboard application: the chat hub, the chat page, health and development
+//! tokens, served with graceful shutdown.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::auth::Authenticator;
+use crate::service::{HubService, dev_token};
+
+/// Options of the application around the hub.
+#[derive(Debug, Clone, Default)]
+pub struct AppOptions {
+    /// Serve `POST /auth/dev-token`, which hands a token to anyone who asks. Development only.
+    pub dev_tokens: bool,
+    /// Directory holding the SignalR browser client (`signalr.min.js`), served under
+    /// `/vendor/`. `None` disables `/vendor/`.
+    pub vendor_dir: Option<PathBuf>,
+}
+
+#[derive(Clone)]
+struct PageState {
+    chat: HubService,
+    vendor_dir: Option<Arc<PathBuf>>,
+}
+
+/// The application's routes: the chat hub at [`chat::PATH`](crate::chat::PATH), the chat page
+/// at `/`, `GET /healthz`, and with [`AppOptions::dev_tokens`] `POST /auth/dev-token`.
+pub fn router(chat: &HubService, auth: &Authenticator, options: &AppOptions) -> Router {
+    let state = PageState {
+        chat: chat.clone(),
+        vendor_dir: options.vendor_dir.clone().map(Arc::new),
+    };
+    let mut router = Router::new()
+        .route("/", get(page))
+        .route("/chat.js", get(script))
+        .route("/chat.css", get(style))
+        .route("/vendor/{file}", get(vendor))
+        .route("/healthz", get(health))
+        .with_state(state)
+        .nest(crate::chat::PATH, chat.router());
+    if options.dev_tokens {
+        router = router.merge(
+            Router::new()
+                .route("/auth/dev-token", post(dev_token))
+                .with_state(auth.clone()),
+        );
+    }
+    router
+}
+
+/// Serves `router` on `listener` (with `TCP_NODELAY`) until `shutdown` completes, then closes
+/// every hub connection through [`HubService::shutdown`].
+///
+/// # Errors
+///
+/// I/O errors of the listener.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    hubs: Vec<HubService>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let hubs_for_shutdown = hubs.clone();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: closing connections");
+        for hub in &hubs_for_shutdown {
+            hub.shutdown().await;
+        }
+        let _ = stopped_tx.send(());
+    };
+    axum::serve(listener, router)
+        .with_graceful_shutdown(signal)
+        .await?;
+    // Upgraded WebSockets are not tracked by the HTTP server; make sure their cleanup ran.
+    let _ = stopped_rx.await;
+    Ok(())
+}
+
+async fn page() -> Html<&'static str> {
+    Html(include_str!("../assets/index.html"))
+}
+
+async fn script() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../assets/chat.js"),
+    )
+        .into_response()
+}
+
+async fn style() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("../assets/chat.css"),
+    )
+        .into_response()
+}
+
+async fn vendor(State(state): State<PageState>, Path(file): Path<String>) -> Response {
+    let Some(dir) = state.vendor_dir else {
+        return (StatusCode::NOT_FOUND, "no vendor directory is configured").into_response();
+    };
+    let safe = !file.is_empty()
+        && !file.starts_with('.')
+        && file
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if !safe {
+        return (StatusCode::NOT_FOUND, "not found").into_response();
+    }
+    let content_type = if file.ends_with(".js") {
+        "text/javascript; charset=utf-8"
+    } else if file.ends_with(".map") {
+        "application/json"
+    } else {
+        "application/octet-stream"
+    };
+    match tokio::fs::read(dir.join(&file)).await {
+        Ok(bytes) => ([(header::CONTENT_TYPE, content_type)], bytes).into_response(),
+        Err(_) => (
+            StatusCode::NOT_FOUND,
+            format!(
+                "{file} is not in {}: run `npm ci --prefix web` to install the SignalR browser client",
+                dir.display()
+            ),
+        )
+            .into_response(),
+    }
+}
+
+async fn health(State(state): State<PageState>) -> Response {
+    let caps = state.chat.store().capabilities();
+    axum::Json(json!({
+        "status": "ok",
+        "store": caps.strategy,
+        "node": state.chat.node().as_str(),
+        "localConnections": state.chat.local_connections(),
+    }))
+    .into_response()
+}

@@ -1,0 +1,211 @@
+//! The `switchboard` binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use switchboard::app::{self, AppOptions};
+use switchboard::auth::{Authenticator, JwtConfig};
+use switchboard::stores::{self, StoreKind};
+use switchboard::{HubOptions, HubService, chat};
+use switchboard_core::{Capabilities, NodeId};
+use tracing_subscriber::EnvFilter;
+
+/// Switchboard: a SignalR-compatible hub server that knows which user is behind which
+/// connection.
+#[derive(Debug, Parser)]
+#[command(name = "switchboard", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server: the chat hub at /hubs/chat and the chat page at /.
+    Serve(Box<ServeArgs>),
+    /// Print the capability table of the stores compiled into this build (Markdown).
+    Capabilities,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Where connections are recorded.
+    #[arg(long, env = "SWITCHBOARD_STORE", value_enum, default_value_t = StoreKind::Memory)]
+    store: StoreKind,
+    /// Address to listen on.
+    #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = "127.0.0.1:5000")]
+    listen: SocketAddr,
+    /// Development mode: anyone can get a token from POST /auth/dev-token. Never in production.
+    #[arg(long, env = "SWITCHBOARD_DEV")]
+    dev: bool,
+    /// HS256 secret that signs access tokens (at least 32 bytes). Required unless --dev.
+    #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Required `iss` claim, if set.
+    #[arg(long, env = "SWITCHBOARD_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Required `aud` claim, if set.
+    #[arg(long, env = "SWITCHBOARD_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+    /// The token claim that names the user.
+    #[arg(long, env = "SWITCHBOARD_USER_CLAIM", default_value = "sub")]
+    user_claim: String,
+    /// This node's id (default: random).
+    #[arg(long, env = "SWITCHBOARD_NODE_ID")]
+    node_id: Option<String>,
+    /// Directory with the SignalR browser client, served under /vendor/.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_VENDOR_DIR",
+        default_value = "web/node_modules/@microsoft/signalr/dist/browser"
+    )]
+    vendor_dir: PathBuf,
+    /// Largest accepted message (one record), in bytes.
+    #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_SIZE", default_value_t = 32 * 1024)]
+    max_message_size: usize,
+    /// Seconds of send-silence before the server sends a Ping.
+    #[arg(long, env = "SWITCHBOARD_KEEP_ALIVE", default_value_t = 15)]
+    keep_alive: u64,
+    /// Seconds without any message before a client is dropped.
+    #[arg(long, env = "SWITCHBOARD_CLIENT_TIMEOUT", default_value_t = 30)]
+    client_timeout: u64,
+    /// Seconds a new connection has to send its handshake.
+    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT", default_value_t = 15)]
+    handshake_timeout: u64,
+}
+
+#[allow(
+    clippy::print_stdout,
+    reason = "the capabilities command prints its table"
+)]
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Capabilities => {
+            print!("{}", Capabilities::markdown_table(&stores::compiled()));
+            Ok(())
+        }
+        Command::Serve(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    EnvFilter::try_from_env("SWITCHBOARD_LOG")
+                        .unwrap_or_else(|_| EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?
+                .block_on(serve(*args))
+        }
+    }
+}
+
+fn authenticator(args: &ServeArgs) -> anyhow::Result<Authenticator> {
+    let secret = match (&args.jwt_secret, args.dev) {
+        (Some(secret), _) => secret.clone().into_bytes(),
+        (None, true) => {
+            let mut secret = vec![0u8; 32];
+            rand::RngExt::fill(&mut rand::rng(), &mut secret[..]);
+            secret
+        }
+        (None, false) => bail!(
+            "no --jwt-secret (or SWITCHBOARD_JWT_SECRET) is set: refusing to start without \
+             authentication. Pass --dev for a development server with anonymous sign-in."
+        ),
+    };
+    let mut config = JwtConfig::new(secret)
+        .context("--jwt-secret must be at least 32 bytes long")?
+        .with_user_claim(args.user_claim.clone());
+    if let Some(issuer) = &args.jwt_issuer {
+        config = config.with_issuer(issuer.clone());
+    }
+    if let Some(audience) = &args.jwt_audience {
+        config = config.with_audience(audience.clone());
+    }
+    Ok(Authenticator::new(config))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let auth = authenticator(&args)?;
+    if args.dev {
+        let banner = "DEVELOPMENT MODE: anyone can sign in as any user through POST /auth/dev-token. \
+                      Never expose this server.";
+        eprintln!(
+            "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+        );
+        eprintln!("!!! {banner}");
+        eprintln!(
+            "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+        );
+        tracing::warn!("{banner}");
+    }
+    let store = stores::open(args.store).await?;
+    let node = match &args.node_id {
+        Some(id) => NodeId::new(id).context("invalid --node-id")?,
+        None => switchboard::service::random_node_id(),
+    };
+    let options = HubOptions::default()
+        .with_max_record_size(args.max_message_size)
+        .with_keep_alive_interval(Duration::from_secs(args.keep_alive))
+        .with_client_timeout(Duration::from_secs(args.client_timeout))
+        .with_handshake_timeout(Duration::from_secs(args.handshake_timeout));
+    let hub = HubService::new(chat::hub(), store, node.clone(), auth.clone(), options);
+    hub.start_maintenance()
+        .await
+        .context("taking this node's lease in the store")?;
+    let router = app::router(
+        &hub,
+        &auth,
+        &AppOptions {
+            dev_tokens: args.dev,
+            vendor_dir: Some(args.vendor_dir.clone()),
+        },
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let address = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(
+        store = %args.store,
+        node = %node,
+        "Switchboard listening on http://{address} (chat hub at {})",
+        chat::PATH
+    );
+    app::serve(listener, router, vec![hub], shutdown_signal())
+        .await
+        .context("serving")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,485 @@
+//! [`HubService`]: one hub served over HTTP — negotiate, the WebSocket transport, lifecycle
+//! wiring to the store, node leases, and graceful shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use rand::Rng as _;
+use serde_json::json;
+use switchboard_core::{ConnectionId, ConnectionStore, NodeId, UserId};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::auth::{self, Authenticator};
+use crate::config::HubOptions;
+use crate::delivery::Core;
+use crate::hub::Hub;
+use crate::session::{self, ConnectionInfo};
+
+/// State of a connection token handed out by negotiate.
+#[derive(Debug)]
+pub(crate) enum TokenState {
+    /// Negotiated; waiting for its WebSocket until `expires`.
+    Pending {
+        id: ConnectionId,
+        user: UserId,
+        user_agent: Option<String>,
+        expires: Instant,
+    },
+    /// A WebSocket is attached.
+    Attached,
+}
+
+/// Counts live sessions so shutdown can wait for their cleanup.
+#[derive(Debug, Default)]
+pub(crate) struct ActiveSessions {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+/// Decrements [`ActiveSessions`] when dropped.
+pub(crate) struct ActiveGuard<'a>(&'a ActiveSessions);
+
+impl ActiveSessions {
+    pub(crate) fn enter(&self) -> ActiveGuard<'_> {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        ActiveGuard(self)
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Shared by the handlers and sessions of one hub.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) core: Arc<Core>,
+    pub(crate) hub: Hub,
+    pub(crate) options: HubOptions,
+    pub(crate) auth: Authenticator,
+    pub(crate) tokens: DashMap<Box<str>, TokenState>,
+    pub(crate) shutdown: watch::Sender<bool>,
+    pub(crate) active: ActiveSessions,
+    negotiations: AtomicU64,
+}
+
+/// One hub served over HTTP: `POST {path}/negotiate` and the WebSocket transport on `{path}`.
+///
+/// Cheap to clone. Mount [`HubService::router`] under the hub's path with
+/// [`Router::nest`]; call [`HubService::start_maintenance`] once inside the runtime, and
+/// [`HubService::shutdown`] before the process exits.
+#[derive(Debug, Clone)]
+pub struct HubService {
+    inner: Arc<Inner>,
+}
+
+impl HubService {
+    /// A hub service recording connections in `store` as node `node`, authenticating with
+    /// `auth`.
+    pub fn new(
+        hub: Hub,
+        store: Arc<dyn ConnectionStore>,
+        node: NodeId,
+        auth: Authenticator,
+        options: HubOptions,
+    ) -> Self {
+        let (shutdown, _) = watch::channel(false);
+        Self {
+            inner: Arc::new(Inner {
+                core: Arc::new(Core::new(store, node)),
+                hub,
+                options,
+                auth,
+                tokens: DashMap::new(),
+                shutdown,
+                active: ActiveSessions::default(),
+                negotiations: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Routes to nest under the hub's path: `POST /negotiate` and `GET /` (WebSocket).
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/", get(connect))
+            .route("/negotiate", post(negotiate))
+            .with_state(self.inner.clone())
+    }
+
+    /// The store connections are recorded in.
+    pub fn store(&self) -> &Arc<dyn ConnectionStore> {
+        &self.inner.core.store
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &NodeId {
+        &self.inner.core.node
+    }
+
+    /// Connections this node currently holds.
+    pub fn local_connections(&self) -> usize {
+        self.inner.core.registry.len()
+    }
+
+    /// For stores with node leases: takes the lease now, then renews it and sweeps expired
+    /// nodes every [`HubOptions::heartbeat_interval`] until shutdown. Returns `None` for stores
+    /// without leases.
+    ///
+    /// # Errors
+    ///
+    /// The store's error if the first heartbeat fails (the node must not serve connections
+    /// without a lease, or other nodes would sweep them).
+    pub async fn start_maintenance(
+        &self,
+    ) -> Result<Option<JoinHandle<()>>, switchboard_core::StoreError> {
+        let core = self.inner.core.clone();
+        if !core.capabilities.has_leases() {
+            return Ok(None);
+        }
+        let lease = self.inner.options.lease;
+        let every = self.inner.options.heartbeat_interval;
+        core.store
+            .heartbeat(&core.node, SystemTime::now() + lease)
+            .await?;
+        let mut shutdown = self.inner.shutdown.subscribe();
+        Ok(Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tick.tick() => {}
+                }
+                let now = SystemTime::now();
+                if let Err(e) = core.store.heartbeat(&core.node, now + lease).await {
+                    tracing::error!(error = %e, "could not renew this node's lease");
+                }
+                match core.store.sweep(now).await {
+                    Ok(swept) if !swept.is_empty() => {
+                        tracing::info!(count = swept.len(), "swept connections of expired nodes");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "sweeping expired nodes failed"),
+                }
+            }
+        })))
+    }
+
+    /// Closes every connection with a Close message (allowing clients to reconnect elsewhere),
+    /// waits up to [`HubOptions::shutdown_grace`] for their cleanup (removal from the store),
+    /// and refuses new connections from then on.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+        let grace = self.inner.options.shutdown_grace;
+        if tokio::time::timeout(grace, self.inner.active.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = self.inner.active.count.load(Ordering::SeqCst),
+                "connections still open after the shutdown grace period"
+            );
+        }
+    }
+}
+
+/// A fresh random node id (`node-` and 8 random URL-safe characters).
+pub fn random_node_id() -> NodeId {
+    NodeId::new(&format!("node-{}", random_token(6))).expect("base64url output is a valid node id")
+}
+
+/// A random URL-safe string of `bytes` random bytes.
+pub(crate) fn random_token(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut buf);
+    URL_SAFE_NO_PAD.encode(&buf)
+}
+
+fn new_connection_id() -> ConnectionId {
+    // 16 random bytes → 22 base64url characters, all in ConnectionId's alphabet.
+    ConnectionId::new(&random_token(16)).expect("base64url output is a valid connection id")
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+}
+
+fn error_response(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+/// Verifies the caller's access token; `Err` is the 401 to send.
+fn authenticate(
+    inner: &Inner,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<UserId, Box<Response>> {
+    let Some(token) = auth::bearer_token(headers, query) else {
+        return Err(Box::new(unauthorized("an access token is required")));
+    };
+    inner.auth.verify(&token).map_err(|e| {
+        tracing::debug!(reason = %e.client_message(), "rejected an access token");
+        Box::new(unauthorized(&e.client_message()))
+    })
+}
+
+fn unauthorized(message: &str) -> Response {
+    let mut response = error_response(StatusCode::UNAUTHORIZED, message);
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    response
+}
+
+fn user_agent(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("x-signalr-user-agent")
+        .or_else(|| headers.get(header::USER_AGENT))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+async fn negotiate(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if *inner.shutdown.borrow() {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        );
+    }
+    let user = match authenticate(&inner, &headers, query.as_deref()) {
+        Ok(user) => user,
+        Err(response) => return *response,
+    };
+    let version = match query_param(query.as_deref(), "negotiateVersion") {
+        None => 0,
+        Some(v) => match v.parse::<i64>() {
+            Ok(v) if v >= 1 => 1,
+            Ok(_) => 0,
+            Err(_) => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "negotiateVersion must be an integer",
+                );
+            }
+        },
+    };
+    let now = Instant::now();
+    if inner.negotiations.fetch_add(1, Ordering::Relaxed) % 1024 == 0 {
+        inner.tokens.retain(|_, state| match state {
+            TokenState::Pending { expires, .. } => *expires > now,
+            TokenState::Attached => true,
+        });
+    }
+    if inner.tokens.len() >= inner.options.max_pending_negotiations {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections are being negotiated; try again later",
+        );
+    }
+    let id = new_connection_id();
+    // Version 0 clients put the connection id itself into `id=`.
+    let token: String = if version == 0 {
+        id.to_string()
+    } else {
+        random_token(32)
+    };
+    inner.tokens.insert(
+        token.clone().into_boxed_str(),
+        TokenState::Pending {
+            id: id.clone(),
+            user,
+            user_agent: user_agent(&headers),
+            expires: now + inner.options.negotiate_ttl,
+        },
+    );
+    let transports = json!([{ "transport": "WebSockets", "transferFormats": ["Text", "Binary"] }]);
+    let body = if version == 0 {
+        json!({ "negotiateVersion": 0, "connectionId": id.as_str(), "availableTransports": transports })
+    } else {
+        json!({
+            "negotiateVersion": 1,
+            "connectionId": id.as_str(),
+            "connectionToken": token,
+            "availableTransports": transports,
+        })
+    };
+    Json(body).into_response()
+}
+
+async fn connect(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if *inner.shutdown.borrow() {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        );
+    }
+    let user = match authenticate(&inner, &headers, query.as_deref()) {
+        Ok(user) => user,
+        Err(response) => return *response,
+    };
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let info = match query_param(query.as_deref(), "id") {
+        // skipNegotiation: the connection starts with the upgrade.
+        None => ConnectionInfo {
+            id: new_connection_id(),
+            token: None,
+            user,
+            user_agent: user_agent(&headers),
+        },
+        Some(token) => match claim_token(&inner, token, &user) {
+            Ok(info) => info,
+            Err(response) => return *response,
+        },
+    };
+    let options = &inner.options;
+    let failed_token = info.token.clone();
+    let failed_inner = inner.clone();
+    upgrade
+        .read_buffer_size(options.read_buffer_size)
+        .write_buffer_size(options.write_buffer_size)
+        .max_write_buffer_size(options.max_record_size.saturating_mul(64).max(1 << 20))
+        .max_message_size(options.max_record_size.saturating_mul(4))
+        .max_frame_size(options.max_record_size.saturating_mul(4))
+        .on_failed_upgrade(move |e| {
+            tracing::debug!(error = %e, "WebSocket upgrade failed");
+            if let Some(token) = failed_token {
+                failed_inner.tokens.remove(&token);
+            }
+        })
+        .on_upgrade(move |socket| session::run(inner, socket, info))
+}
+
+/// Attaches a WebSocket to a negotiated connection: 404 unknown or expired, 409 already
+/// attached, 403 negotiated by another user.
+fn claim_token(inner: &Inner, token: &str, user: &UserId) -> Result<ConnectionInfo, Box<Response>> {
+    let Entry::Occupied(mut entry) = inner.tokens.entry(Box::from(token)) else {
+        return Err(Box::new(error_response(
+            StatusCode::NOT_FOUND,
+            "no such connection",
+        )));
+    };
+    match entry.get() {
+        TokenState::Attached => Err(Box::new(error_response(
+            StatusCode::CONFLICT,
+            "a transport is already attached to this connection",
+        ))),
+        TokenState::Pending { expires, .. } if *expires <= Instant::now() => {
+            entry.remove();
+            Err(Box::new(error_response(
+                StatusCode::NOT_FOUND,
+                "no such connection",
+            )))
+        }
+        TokenState::Pending { user: owner, .. } if owner != user => Err(Box::new(error_response(
+            StatusCode::FORBIDDEN,
+            "this connection was negotiated by another user",
+        ))),
+        TokenState::Pending { .. } => {
+            let TokenState::Pending {
+                id,
+                user_agent,
+                user,
+                ..
+            } = entry.insert(TokenState::Attached)
+            else {
+                return Err(Box::new(error_response(
+                    StatusCode::CONFLICT,
+                    "connection state changed",
+                )));
+            };
+            Ok(ConnectionInfo {
+                id,
+                token: Some(Box::from(token)),
+                user,
+                user_agent,
+            })
+        }
+    }
+}
+
+/// Issues development tokens; only routed when the server runs with `--dev`.
+pub(crate) async fn dev_token(
+    State(auth): State<Authenticator>,
+    Json(body): Json<serde_json::Value>,
+) -> Response {
+    let Some(raw) = body.get("user").and_then(|u| u.as_str()) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "expected a JSON body like {\"user\":\"alice\"}",
+        );
+    };
+    match UserId::new(raw) {
+        Ok(user) => {
+            let token = auth.issue(&user, Duration::from_secs(12 * 3600));
+            Json(json!({ "token": token, "user": user.as_str() })).into_response()
+        }
+        Err(e) => error_response(StatusCode::BAD_REQUEST, &e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params() {
+        assert_eq!(query_param(Some("id=abc&x=1"), "id"), Some("abc"));
+        assert_eq!(query_param(Some("x=1&id="), "id"), Some(""));
+        assert_eq!(query_param(Some("idx=1"), "id"), None);
+        assert_eq!(query_param(None, "id"), None);
+    }
+
+    #[test]
+    fn generated_ids_are_valid_and_distinct() {
+        let a = new_connection_id();
+        let b = new_connection_id();
+        assert_ne!(a, b);
+        assert_eq!(a.as_str().len(), 22);
+        assert_eq!(random_token(32).len(), 43);
+    }
+}
