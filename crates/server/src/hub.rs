@@ -265,8 +265,7 @@ impl Hub {
     {
         let handler = Arc::new(handler);
         let call = move |ctx: HubContext, raw: &RawValue| {
-            let args: A = serde_json::from_str(raw.get())
-                .map_err(|e| HubError::InvalidArguments(e.to_string()))?;
+            let args: A = decode_arguments(raw)?;
             let handler = handler.clone();
             let fut: BoxFuture<Result<Box<RawValue>, HubError>> = Box::pin(async move {
                 let result = handler(ctx, args).await?;
@@ -344,6 +343,23 @@ impl Hub {
     pub(crate) fn disconnected_hook(&self, ctx: HubContext) -> Option<BoxFuture<()>> {
         self.on_disconnected.as_ref().map(|hook| hook(ctx))
     }
+}
+
+/// Decodes an invocation's argument array into the method's tuple. An empty array also
+/// decodes into `()`, the argument type of a method without parameters.
+fn decode_arguments<A: DeserializeOwned>(raw: &RawValue) -> Result<A, HubError> {
+    serde_json::from_str(raw.get()).or_else(|error| {
+        let empty = raw
+            .get()
+            .strip_prefix('[')
+            .and_then(|inner| inner.strip_suffix(']'))
+            .is_some_and(|inner| inner.trim().is_empty());
+        if empty {
+            serde_json::from_str("null").map_err(|_| HubError::InvalidArguments(error.to_string()))
+        } else {
+            Err(HubError::InvalidArguments(error.to_string()))
+        }
+    })
 }
 
 /// Why an invocation could not start.

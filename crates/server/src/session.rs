@@ -37,6 +37,8 @@ enum End {
     SocketError(axum::Error),
     /// We closed it, with this reason.
     Closed(String),
+    /// The client stopped reading; we dropped it without a goodbye it would not read.
+    Unresponsive(String),
 }
 
 /// Most queued records written per flush.
@@ -56,6 +58,7 @@ pub(crate) async fn run(inner: Arc<Inner>, socket: WebSocket, info: ConnectionIn
             Ok(End::ClientClosed) => debug!("client closed the connection"),
             Ok(End::SocketError(e)) => debug!(error = %e, "socket error"),
             Ok(End::Closed(reason)) => debug!(%reason, "server closed the connection"),
+            Ok(End::Unresponsive(reason)) => warn!(%reason, "dropped an unresponsive client"),
             Err(_) => error!("the connection task panicked; cleaning up"),
         }
         cleanup(&inner, &info, connected).await;
@@ -229,6 +232,12 @@ async fn read_handshake(
     }
 }
 
+fn not_reading(limit: std::time::Duration) -> End {
+    End::Unresponsive(format!(
+        "The client did not read its messages for {limit:?}."
+    ))
+}
+
 async fn close_socket(socket: &mut WebSocket) {
     let _ = socket
         .send(Message::Close(Some(CloseFrame {
@@ -255,7 +264,7 @@ impl Session<'_> {
                     return Err(End::Closed("the server is shutting down".into()));
                 }
                 () = overflow.notified() => {
-                    return Err(End::Closed(format!(
+                    return Err(End::Unresponsive(format!(
                         "The client is not reading its messages: {} records are waiting.",
                         options.send_queue_capacity
                     )));
@@ -318,21 +327,33 @@ impl Session<'_> {
             let _ = self.drain_queue().await;
             let _ = self.write(message.into()).await;
             let _ = self.flush().await;
-            close_socket(&mut self.socket).await;
+            let _ = timeout(
+                self.inner.options.client_timeout,
+                close_socket(&mut self.socket),
+            )
+            .await;
         }
         end
     }
 
+    /// Queues a text frame on the socket. A client that stops reading cannot block the
+    /// session longer than the client timeout.
     async fn write(&mut self, text: Utf8Bytes) -> Result<(), End> {
-        self.socket
-            .feed(Message::Text(text))
-            .await
-            .map_err(End::SocketError)
+        let limit = self.inner.options.client_timeout;
+        match timeout(limit, self.socket.feed(Message::Text(text))).await {
+            Ok(result) => result.map_err(End::SocketError),
+            Err(_) => Err(not_reading(limit)),
+        }
     }
 
     async fn flush(&mut self) -> Result<(), End> {
+        let limit = self.inner.options.client_timeout;
+        let result = match timeout(limit, self.socket.flush()).await {
+            Ok(result) => result.map_err(End::SocketError),
+            Err(_) => Err(not_reading(limit)),
+        };
         self.last_write = Instant::now();
-        self.socket.flush().await.map_err(End::SocketError)
+        result
     }
 
     /// Writes `first` and whatever else is queued (up to a batch), then flushes once.

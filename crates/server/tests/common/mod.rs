@@ -1,0 +1,319 @@
+//! A real Switchboard server on a loopback port, and a raw WebSocket client that speaks the
+//! JSON hub protocol frame by frame.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use switchboard::app::{self, AppOptions};
+use switchboard::auth::{Authenticator, JwtConfig};
+use switchboard::hub::Hub;
+use switchboard::{HubOptions, HubService, chat};
+use switchboard_core::testkit::node;
+use switchboard_core::{ConnectionStore, UserId};
+use switchboard_memory::MemoryStore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The secret every test server signs tokens with.
+pub const SECRET: &str = "switchboard-test-secret-0123456789abcdef";
+
+/// How long a test waits for anything before failing instead of hanging.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub auth: Authenticator,
+    pub hub: HubService,
+    pub store: Arc<dyn ConnectionStore>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestServer {
+    /// The chat hub on a memory store.
+    pub async fn start(options: HubOptions) -> Self {
+        Self::start_with(chat::hub(), Arc::new(MemoryStore::new()), options).await
+    }
+
+    /// Any hub on any store.
+    pub async fn start_with(
+        hub: Hub,
+        store: Arc<dyn ConnectionStore>,
+        options: HubOptions,
+    ) -> Self {
+        let auth = Authenticator::new(JwtConfig::new(SECRET).expect("strong secret"));
+        let service = HubService::new(hub, store.clone(), node("test-node"), auth.clone(), options);
+        let router = app::router(
+            &service,
+            &auth,
+            &AppOptions {
+                dev_tokens: true,
+                vendor_dir: None,
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(app::serve(
+            listener,
+            router,
+            vec![service.clone()],
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            addr,
+            auth,
+            hub: service,
+            store,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        self.auth.issue(
+            &UserId::new(user).expect("valid user"),
+            Duration::from_secs(600),
+        )
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}{}{}", self.addr, chat::PATH, query)
+    }
+
+    /// Opens a WebSocket with the token in the Authorization header (skipNegotiation style
+    /// when `query` has no `id`). Returns the HTTP status on refusal.
+    pub async fn open(&self, query: &str, token: Option<&str>) -> Result<RawClient, u16> {
+        let mut request = self
+            .ws_url(query)
+            .into_client_request()
+            .expect("valid request");
+        if let Some(token) = token {
+            request.headers_mut().insert(
+                "authorization",
+                format!("Bearer {token}").parse().expect("header value"),
+            );
+        }
+        match tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(request)).await {
+            Err(_) => panic!("WebSocket connect timed out"),
+            Ok(Ok((ws, _))) => Ok(RawClient { ws }),
+            Ok(Err(tungstenite::Error::Http(response))) => Err(response.status().as_u16()),
+            Ok(Err(e)) => panic!("WebSocket connect failed: {e}"),
+        }
+    }
+
+    /// A connected, handshaken client of `user` (skipNegotiation).
+    pub async fn connect(&self, user: &str) -> RawClient {
+        let mut client = self
+            .open("", Some(&self.token(user)))
+            .await
+            .expect("authorized");
+        client.handshake().await;
+        client
+    }
+
+    /// Waits until the store holds `expected` connections in total.
+    pub async fn wait_for_connections(&self, expected: u64) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let counts = self.store.counts().await.expect("counts");
+            if counts.connections == expected {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "store holds {} connections, expected {expected}",
+                counts.connections
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Sends a plain HTTP/1.1 request; returns status and body.
+    pub async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String) {
+        let mut stream = TcpStream::connect(self.addr).await.expect("connect");
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\ncontent-length: {}\r\n",
+            self.addr,
+            body.len()
+        );
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        request.push_str(body);
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = Vec::new();
+        tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
+            .await
+            .expect("HTTP response in time")
+            .expect("read");
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status line");
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// Negotiates (version 1) as `user`; returns the JSON answer.
+    pub async fn negotiate(&self, user: &str) -> Value {
+        let auth = format!("Bearer {}", self.token(user));
+        let (status, body) = self
+            .http(
+                "POST",
+                &format!("{}/negotiate?negotiateVersion=1", chat::PATH),
+                &[("authorization", &auth)],
+                "",
+            )
+            .await;
+        assert_eq!(status, 200, "negotiate failed: {body}");
+        serde_json::from_str(&body).expect("negotiate JSON")
+    }
+
+    /// Stops the server (graceful shutdown) and waits for it.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(PATIENCE, task)
+                .await
+                .expect("server stops in time")
+                .expect("server task")
+                .expect("server I/O");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// One frame as the client saw it.
+#[derive(Debug)]
+pub enum Frame {
+    Records(Vec<Value>),
+    Binary,
+    Closed,
+}
+
+pub struct RawClient {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl RawClient {
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::text(text))
+            .await
+            .expect("send text frame");
+    }
+
+    /// Sends one record (the separator is appended).
+    pub async fn send_record(&mut self, json: &str) {
+        self.send_text(&format!("{json}\u{1e}")).await;
+    }
+
+    pub async fn handshake(&mut self) {
+        self.send_record(r#"{"protocol":"json","version":1}"#).await;
+        let reply = self.next_text().await.expect("handshake reply");
+        assert_eq!(reply, "{}\u{1e}", "handshake must succeed");
+    }
+
+    /// The next text frame, skipping control frames; `None` once the connection closed.
+    pub async fn next_text(&mut self) -> Option<String> {
+        loop {
+            let frame = tokio::time::timeout(PATIENCE, self.ws.next())
+                .await
+                .expect("a frame (or close) in time");
+            match frame {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return None,
+                Some(Ok(Message::Text(text))) => return Some(text.to_string()),
+                Some(Ok(Message::Binary(_))) => panic!("the server sent a binary frame"),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// The records of the next text frame (asserting every frame ends on a separator).
+    pub async fn next_records(&mut self) -> Option<Vec<Value>> {
+        let text = self.next_text().await?;
+        assert!(
+            text.ends_with('\u{1e}'),
+            "frames must end on a record boundary: {text:?}"
+        );
+        Some(
+            text.split('\u{1e}')
+                .filter(|r| !r.is_empty())
+                .map(|r| serde_json::from_str(r).expect("server records are JSON"))
+                .collect(),
+        )
+    }
+
+    /// The next record that is not a Ping.
+    pub async fn next_message(&mut self) -> Option<Value> {
+        loop {
+            for record in self.next_records().await? {
+                if record["type"] != 6 {
+                    return Some(record);
+                }
+            }
+        }
+    }
+
+    /// Expects a Close message (returns it), then the end of the socket.
+    pub async fn expect_close(&mut self) -> Value {
+        let close = self.next_message().await.expect("a Close message");
+        assert_eq!(close["type"], 7, "expected a Close message, got {close}");
+        assert!(
+            self.next_text().await.is_none(),
+            "the socket must close after the Close message"
+        );
+        close
+    }
+
+    /// Invokes `target` with an id and returns its Completion, skipping anything else.
+    pub async fn invoke(&mut self, id: &str, target: &str, args: Value) -> Value {
+        let record =
+            serde_json::json!({"type": 1, "invocationId": id, "target": target, "arguments": args});
+        self.send_record(&record.to_string()).await;
+        loop {
+            let message = self.next_message().await.expect("a Completion");
+            if message["type"] == 3 && message["invocationId"] == id {
+                return message;
+            }
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! The hub lifecycle wired to the store: exactly-once delivery to every connection of a user,
+//! `on_disconnected` on every exit path, a store that goes away, and clients that stop reading.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use common::{RawClient, TestServer};
+use serde_json::{Value, json};
+use switchboard::HubOptions;
+use switchboard::hub::{Hub, HubContext, HubError};
+use switchboard_core::{
+    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Removal, StoreError, UserId,
+    async_trait,
+};
+use switchboard_memory::MemoryStore;
+
+/// The next `n` non-ping messages of a client.
+async fn messages(client: &mut RawClient, n: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        out.push(client.next_message().await.expect("a message"));
+    }
+    out
+}
+
+fn chat(text: &str) -> Value {
+    json!({"type": 1, "target": "addChatMessage", "arguments": [text]})
+}
+
+#[tokio::test]
+async fn a_message_reaches_every_connection_of_the_user_exactly_once() {
+    let server = TestServer::start(HubOptions::default()).await;
+    let mut bobs = Vec::new();
+    for _ in 0..3 {
+        bobs.push(server.connect("bob").await);
+    }
+    let mut carol = server.connect("carol").await;
+    let mut alice = server.connect("alice").await;
+    server.wait_for_connections(5).await;
+
+    alice
+        .invoke("1", "SendChatMessage", json!(["bob", "hello"]))
+        .await;
+    // A marker sent afterwards to both users: per-connection order is FIFO, so each bob
+    // connection must see exactly [hello, marker] and carol exactly [marker].
+    alice
+        .invoke("2", "SendChatMessage", json!(["bob", "marker"]))
+        .await;
+    alice
+        .invoke("3", "SendChatMessage", json!(["carol", "marker"]))
+        .await;
+    for bob in &mut bobs {
+        assert_eq!(
+            messages(bob, 2).await,
+            [chat("alice: hello"), chat("alice: marker")]
+        );
+    }
+    assert_eq!(messages(&mut carol, 1).await, [chat("alice: marker")]);
+}
+
+#[tokio::test]
+async fn sending_to_an_offline_user_tells_only_the_caller() {
+    let server = TestServer::start(HubOptions::default()).await;
+    let mut bob = server.connect("bob").await;
+    let mut alice = server.connect("alice").await;
+    let mut alice_phone = server.connect("alice").await;
+    let completion = alice
+        .invoke("1", "SendChatMessage", json!(["nobody", "are you there?"]))
+        .await;
+    assert_eq!(
+        completion["result"],
+        Value::Null,
+        "the call itself succeeds"
+    );
+    alice
+        .invoke("2", "SendChatMessage", json!(["bob", "marker"]))
+        .await;
+    alice
+        .invoke("3", "SendChatMessage", json!(["alice", "marker"]))
+        .await;
+    assert_eq!(messages(&mut bob, 1).await, [chat("alice: marker")]);
+    // The caller saw the error before its Completion; the other device did not.
+    assert_eq!(messages(&mut alice_phone, 1).await, [chat("alice: marker")]);
+}
+
+#[tokio::test]
+async fn a_user_who_left_is_offline_again() {
+    let server = TestServer::start(HubOptions::default()).await;
+    let bob = server.connect("bob").await;
+    let mut alice = server.connect("alice").await;
+    server.wait_for_connections(2).await;
+    drop(bob);
+    server.wait_for_connections(1).await;
+    alice
+        .send_record(
+            r#"{"type":1,"invocationId":"1","target":"SendChatMessage","arguments":["bob","hi"]}"#,
+        )
+        .await;
+    let error = alice.next_message().await.expect("error message");
+    assert_eq!(
+        error,
+        json!({"type":1,"target":"showErrorMessage","arguments":["The user 'bob' is not connected."]})
+    );
+}
+
+#[derive(Default)]
+struct Hooks {
+    connected: AtomicUsize,
+    disconnected: AtomicUsize,
+}
+
+fn hooked_hub(hooks: &Arc<Hooks>) -> Hub {
+    let on_connect = hooks.clone();
+    let on_disconnect = hooks.clone();
+    switchboard::chat::hub()
+        .method("Boom", |_ctx: HubContext, (): ()| async move {
+            if true {
+                panic!("a bug in a hub method");
+            }
+            Ok::<(), HubError>(())
+        })
+        .on_connected(move |_ctx| {
+            let hooks = on_connect.clone();
+            async move {
+                hooks.connected.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .on_disconnected(move |_ctx| {
+            let hooks = on_disconnect.clone();
+            async move {
+                hooks.disconnected.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+}
+
+async fn wait_for(hooks: &Hooks, disconnected: usize) {
+    let deadline = tokio::time::Instant::now() + common::PATIENCE;
+    while hooks.disconnected.load(Ordering::SeqCst) != disconnected {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "on_disconnected ran {} times, expected {disconnected}",
+            hooks.disconnected.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn on_disconnected_runs_on_every_exit_path() {
+    let hooks = Arc::new(Hooks::default());
+    let mut server = TestServer::start_with(
+        hooked_hub(&hooks),
+        Arc::new(MemoryStore::new()),
+        HubOptions::default().with_client_timeout(Duration::from_millis(400)),
+    )
+    .await;
+
+    // 1. The client sends Close.
+    let mut client = server.connect("u").await;
+    client.send_record(r#"{"type":7}"#).await;
+    wait_for(&hooks, 1).await;
+
+    // 2. The socket drops without any goodbye.
+    let client = server.connect("u").await;
+    server.wait_for_connections(1).await;
+    drop(client);
+    wait_for(&hooks, 2).await;
+
+    // 3. A protocol error.
+    let mut client = server.connect("u").await;
+    client.send_text("nonsense\u{1e}").await;
+    client.expect_close().await;
+    wait_for(&hooks, 3).await;
+
+    // 4. A panic inside a hub method: the caller gets an error, the connection lives on, and
+    //    its disconnect still runs later.
+    let mut client = server.connect("u").await;
+    let completion = client.invoke("1", "Boom", json!([])).await;
+    assert_eq!(
+        completion["error"],
+        "An unexpected error occurred invoking 'Boom' on the server."
+    );
+    let completion = client
+        .invoke("2", "SendChatMessage", json!(["u", "alive"]))
+        .await;
+    assert!(completion.get("error").is_none());
+    assert_eq!(hooks.disconnected.load(Ordering::SeqCst), 3);
+    drop(client);
+    wait_for(&hooks, 4).await;
+
+    // 5. A silent client times out.
+    let mut client = server.connect("u").await;
+    client.expect_close().await;
+    wait_for(&hooks, 5).await;
+
+    // 6. Server shutdown.
+    let mut client = server.connect("u").await;
+    server.wait_for_connections(1).await;
+    let (_, close) = tokio::join!(server.stop(), client.expect_close());
+    assert_eq!(close["allowReconnect"], true);
+    wait_for(&hooks, 6).await;
+
+    assert_eq!(hooks.connected.load(Ordering::SeqCst), 6);
+    assert_eq!(server.store.counts().await.expect("counts").connections, 0);
+}
+
+/// A memory store that can be switched off, like a database that went away.
+#[derive(Debug, Default)]
+struct FlakyStore {
+    inner: MemoryStore,
+    down: AtomicBool,
+}
+
+impl FlakyStore {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable {
+                message: "connection refused".into(),
+                source: None,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ConnectionStore for FlakyStore {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn add(&self, record: ConnectionRecord) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.add(record).await
+    }
+    async fn remove(&self, user: &UserId, id: &ConnectionId) -> Result<Removal, StoreError> {
+        self.check()?;
+        self.inner.remove(user, id).await
+    }
+    async fn reconnect(&self, record: ConnectionRecord) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.reconnect(record).await
+    }
+    async fn connections(&self, user: &UserId) -> Result<Vec<ConnectionRecord>, StoreError> {
+        self.check()?;
+        self.inner.connections(user).await
+    }
+    async fn counts(&self) -> Result<switchboard_core::Counts, StoreError> {
+        self.inner.counts().await
+    }
+    async fn heartbeat(
+        &self,
+        node: &switchboard_core::NodeId,
+        until: SystemTime,
+    ) -> Result<(), StoreError> {
+        self.inner.heartbeat(node, until).await
+    }
+    async fn sweep(&self, now: SystemTime) -> Result<Vec<ConnectionRecord>, StoreError> {
+        self.inner.sweep(now).await
+    }
+}
+
+#[tokio::test]
+async fn a_store_that_went_away_gives_clear_errors_and_loses_nothing() {
+    let store = Arc::new(FlakyStore::default());
+    let server = TestServer::start_with(
+        switchboard::chat::hub(),
+        store.clone(),
+        HubOptions::default(),
+    )
+    .await;
+    let mut bob = server.connect("bob").await;
+    let mut alice = server.connect("alice").await;
+
+    store.down.store(true, Ordering::SeqCst);
+    // A call that needs the store fails with a clear, retryable error; the connection stays.
+    let completion = alice
+        .invoke("1", "SendChatMessage", json!(["bob", "lost?"]))
+        .await;
+    assert_eq!(
+        completion["error"],
+        "Failed to invoke 'SendChatMessage': the connection store is unavailable; try again later."
+    );
+    // A new connection cannot be recorded: it is refused with a Close it may retry after.
+    let mut late = server
+        .open("", Some(&server.token("carol")))
+        .await
+        .expect("authorized");
+    late.handshake().await;
+    let close = late.expect_close().await;
+    assert_eq!(
+        close,
+        json!({
+            "type": 7,
+            "error": "The connection store is unavailable; try again later.",
+            "allowReconnect": true
+        })
+    );
+
+    store.down.store(false, Ordering::SeqCst);
+    alice
+        .invoke("2", "SendChatMessage", json!(["bob", "back"]))
+        .await;
+    assert_eq!(
+        bob.next_message().await.expect("message"),
+        chat("alice: back"),
+        "the failed message was reported, not silently delivered later"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_and_others_are_unaffected() {
+    let server = TestServer::start(
+        HubOptions::default()
+            .with_send_queue_capacity(8)
+            .with_client_timeout(Duration::from_secs(2)),
+    )
+    .await;
+    let _stuck = server.connect("stuck").await; // never reads again
+    let mut alice = server.connect("alice").await;
+    server.wait_for_connections(2).await;
+    let payload = "z".repeat(16 * 1024);
+    let stuck = UserId::new("stuck").expect("user");
+    let mut sent = 0;
+    while !server
+        .store
+        .connections(&stuck)
+        .await
+        .expect("lookup")
+        .is_empty()
+    {
+        assert!(sent < 20_000, "a client that never reads must be dropped");
+        let record = json!({"type":1,"target":"SendChatMessage","arguments":["stuck", payload]});
+        alice.send_record(&record.to_string()).await;
+        sent += 1;
+        if sent % 100 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    // The sender is fine.
+    let completion = alice
+        .invoke("x", "SendChatMessage", json!(["alice", "ok"]))
+        .await;
+    assert!(completion.get("error").is_none());
+}
