@@ -30,6 +30,14 @@ pub struct HubOptions {
     pub heartbeat_interval: Duration,
     /// How long shutdown waits for sessions to close and clean up. Default 10 s.
     pub shutdown_grace: Duration,
+    /// Offer stateful reconnect to clients that ask for it. Default `true`.
+    pub stateful_reconnect: bool,
+    /// How long a stateful connection whose transport dropped waits for the client to
+    /// re-attach before it is disconnected. Default 15 s.
+    pub reconnect_window: Duration,
+    /// Bytes of unacknowledged records kept per stateful connection for the replay; sending
+    /// waits for Acks above it. Default 100 000.
+    pub reconnect_buffer_size: usize,
 }
 
 impl Default for HubOptions {
@@ -47,6 +55,9 @@ impl Default for HubOptions {
             lease: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            stateful_reconnect: true,
+            reconnect_window: Duration::from_secs(15),
+            reconnect_buffer_size: 100_000,
         }
     }
 }
@@ -92,6 +103,14 @@ impl HubOptions {
     pub fn with_lease(mut self, lease: Duration, heartbeat_interval: Duration) -> Self {
         self.lease = lease;
         self.heartbeat_interval = heartbeat_interval;
+        self
+    }
+
+    /// Sets [`HubOptions::stateful_reconnect`] and [`HubOptions::reconnect_window`].
+    #[must_use]
+    pub fn with_stateful_reconnect(mut self, enabled: bool, window: Duration) -> Self {
+        self.stateful_reconnect = enabled;
+        self.reconnect_window = window;
         self
     }
 

@@ -343,6 +343,10 @@ impl Hub {
     pub(crate) fn disconnected_hook(&self, ctx: HubContext) -> Option<BoxFuture<()>> {
         self.on_disconnected.as_ref().map(|hook| hook(ctx))
     }
+
+    pub(crate) fn reconnected_hook(&self, ctx: HubContext) -> Option<BoxFuture<()>> {
+        self.on_reconnected.as_ref().map(|hook| hook(ctx))
+    }
 }
 
 /// Decodes an invocation's argument array into the method's tuple. An empty array also

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::ws::{WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +19,7 @@ use dashmap::mapref::entry::Entry;
 use rand::Rng as _;
 use serde_json::json;
 use switchboard_core::{ConnectionId, ConnectionStore, NodeId, UserId};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -38,9 +38,15 @@ pub(crate) enum TokenState {
         user: UserId,
         user_agent: Option<String>,
         expires: Instant,
+        /// The client asked for stateful reconnect and it was granted.
+        stateful: bool,
     },
-    /// A WebSocket is attached.
-    Attached,
+    /// A WebSocket is attached (or, for stateful connections, was and may come back).
+    Attached {
+        user: UserId,
+        /// Hands a new transport to a stateful connection's session.
+        reattach: Option<mpsc::Sender<WebSocket>>,
+    },
 }
 
 /// Counts live sessions so shutdown can wait for their cleanup.
@@ -89,6 +95,22 @@ pub(crate) struct Inner {
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) active: ActiveSessions,
     negotiations: AtomicU64,
+}
+
+impl Inner {
+    /// Whether shutdown has begun.
+    pub(crate) fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// The connection did not turn on stateful reconnect: later transports get 409.
+    pub(crate) fn forbid_reattach(&self, token: &str) {
+        if let Some(mut state) = self.tokens.get_mut(token)
+            && let TokenState::Attached { reattach, .. } = &mut *state
+        {
+            *reattach = None;
+        }
+    }
 }
 
 /// One hub served over HTTP: `POST {path}/negotiate` and the WebSocket transport on `{path}`.
@@ -304,7 +326,7 @@ async fn negotiate(
     if inner.negotiations.fetch_add(1, Ordering::Relaxed) % 1024 == 0 {
         inner.tokens.retain(|_, state| match state {
             TokenState::Pending { expires, .. } => *expires > now,
-            TokenState::Attached => true,
+            TokenState::Attached { .. } => true,
         });
     }
     if inner.tokens.len() >= inner.options.max_pending_negotiations {
@@ -313,6 +335,9 @@ async fn negotiate(
             "too many connections are being negotiated; try again later",
         );
     }
+    let stateful = inner.options.stateful_reconnect
+        && version >= 1
+        && query_param(query.as_deref(), "useStatefulReconnect") == Some("true");
     let id = new_connection_id();
     // Version 0 clients put the connection id itself into `id=`.
     let token: String = if version == 0 {
@@ -327,10 +352,11 @@ async fn negotiate(
             user,
             user_agent: user_agent(&headers),
             expires: now + inner.options.negotiate_ttl,
+            stateful,
         },
     );
     let transports = json!([{ "transport": "WebSockets", "transferFormats": ["Text", "Binary"] }]);
-    let body = if version == 0 {
+    let mut body = if version == 0 {
         json!({ "negotiateVersion": 0, "connectionId": id.as_str(), "availableTransports": transports })
     } else {
         json!({
@@ -340,6 +366,9 @@ async fn negotiate(
             "availableTransports": transports,
         })
     };
+    if stateful {
+        body["useStatefulReconnect"] = serde_json::Value::Bool(true);
+    }
     Json(body).into_response()
 }
 
@@ -363,81 +392,117 @@ async fn connect(
         Ok(upgrade) => upgrade,
         Err(rejection) => return rejection.into_response(),
     };
-    let info = match query_param(query.as_deref(), "id") {
+    let (info, reattach) = match query_param(query.as_deref(), "id") {
         // skipNegotiation: the connection starts with the upgrade.
-        None => ConnectionInfo {
-            id: new_connection_id(),
-            token: None,
-            user,
-            user_agent: user_agent(&headers),
-        },
+        None => (
+            ConnectionInfo {
+                id: new_connection_id(),
+                token: None,
+                user,
+                user_agent: user_agent(&headers),
+            },
+            None,
+        ),
         Some(token) => match claim_token(&inner, token, &user) {
-            Ok(info) => info,
+            Ok(Claim::New(info, reattach)) => (info, reattach),
+            Ok(Claim::Reattach(sender)) => {
+                return configure(upgrade, &inner.options).on_upgrade(move |socket| async move {
+                    if sender.send(socket).await.is_err() {
+                        tracing::debug!("the connection ended before its client re-attached");
+                    }
+                });
+            }
             Err(response) => return *response,
         },
     };
-    let options = &inner.options;
     let failed_token = info.token.clone();
     let failed_inner = inner.clone();
-    upgrade
-        .read_buffer_size(options.read_buffer_size)
-        .write_buffer_size(options.write_buffer_size)
-        .max_write_buffer_size(options.max_record_size.saturating_mul(64).max(1 << 20))
-        .max_message_size(options.max_record_size.saturating_mul(4))
-        .max_frame_size(options.max_record_size.saturating_mul(4))
+    configure(upgrade, &inner.options)
         .on_failed_upgrade(move |e| {
             tracing::debug!(error = %e, "WebSocket upgrade failed");
             if let Some(token) = failed_token {
                 failed_inner.tokens.remove(&token);
             }
         })
-        .on_upgrade(move |socket| session::run(inner, socket, info))
+        .on_upgrade(move |socket| session::run(inner, socket, info, reattach))
+}
+
+/// Buffer sizes and limits of a hub WebSocket.
+fn configure(upgrade: WebSocketUpgrade, options: &HubOptions) -> WebSocketUpgrade {
+    upgrade
+        .read_buffer_size(options.read_buffer_size)
+        .write_buffer_size(options.write_buffer_size)
+        .max_write_buffer_size(options.max_record_size.saturating_mul(64).max(1 << 20))
+        .max_message_size(options.max_record_size.saturating_mul(4))
+        .max_frame_size(options.max_record_size.saturating_mul(4))
+}
+
+/// What presenting a connection token leads to.
+enum Claim {
+    /// The first transport of a negotiated connection.
+    New(ConnectionInfo, Option<session::Reattach>),
+    /// A new transport for a live stateful connection.
+    Reattach(mpsc::Sender<WebSocket>),
 }
 
 /// Attaches a WebSocket to a negotiated connection: 404 unknown or expired, 409 already
-/// attached, 403 negotiated by another user.
-fn claim_token(inner: &Inner, token: &str, user: &UserId) -> Result<ConnectionInfo, Box<Response>> {
+/// attached (unless the connection is stateful: then the new transport takes over), 403
+/// negotiated by another user.
+fn claim_token(inner: &Inner, token: &str, user: &UserId) -> Result<Claim, Box<Response>> {
+    let not_found = || Box::new(error_response(StatusCode::NOT_FOUND, "no such connection"));
+    let other_user = || {
+        Box::new(error_response(
+            StatusCode::FORBIDDEN,
+            "this connection belongs to another user",
+        ))
+    };
     let Entry::Occupied(mut entry) = inner.tokens.entry(Box::from(token)) else {
-        return Err(Box::new(error_response(
-            StatusCode::NOT_FOUND,
-            "no such connection",
-        )));
+        return Err(not_found());
     };
     match entry.get() {
-        TokenState::Attached => Err(Box::new(error_response(
+        TokenState::Attached { user: owner, .. } if owner != user => Err(other_user()),
+        TokenState::Attached {
+            reattach: Some(sender),
+            ..
+        } => Ok(Claim::Reattach(sender.clone())),
+        TokenState::Attached { reattach: None, .. } => Err(Box::new(error_response(
             StatusCode::CONFLICT,
             "a transport is already attached to this connection",
         ))),
         TokenState::Pending { expires, .. } if *expires <= Instant::now() => {
             entry.remove();
-            Err(Box::new(error_response(
-                StatusCode::NOT_FOUND,
-                "no such connection",
-            )))
+            Err(not_found())
         }
-        TokenState::Pending { user: owner, .. } if owner != user => Err(Box::new(error_response(
-            StatusCode::FORBIDDEN,
-            "this connection was negotiated by another user",
-        ))),
-        TokenState::Pending { .. } => {
+        TokenState::Pending { user: owner, .. } if owner != user => Err(other_user()),
+        TokenState::Pending { stateful, .. } => {
+            let (sender, receiver) = if *stateful {
+                let (tx, rx) = mpsc::channel(1);
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
+            let attached = TokenState::Attached {
+                user: user.clone(),
+                reattach: sender,
+            };
             let TokenState::Pending {
                 id,
                 user_agent,
                 user,
                 ..
-            } = entry.insert(TokenState::Attached)
+            } = entry.insert(attached)
             else {
-                return Err(Box::new(error_response(
-                    StatusCode::CONFLICT,
-                    "connection state changed",
-                )));
+                return Err(not_found());
             };
-            Ok(ConnectionInfo {
-                id,
-                token: Some(Box::from(token)),
-                user,
-                user_agent,
-            })
+            Ok(Claim::New(
+                ConnectionInfo {
+                    id,
+                    token: Some(Box::from(token)),
+                    user,
+                    user_agent,
+                },
+                receiver,
+            ))
         }
     }
 }

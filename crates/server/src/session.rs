@@ -1,21 +1,35 @@
-//! One connection's life: handshake, message loop, keep-alive, and the cleanup that runs on
-//! every exit path.
+//! One connection's life: handshake, message loop, keep-alive, stateful reconnect, and the
+//! cleanup that runs on every exit path.
+//!
+//! # Stateful reconnect
+//!
+//! When a client negotiated stateful reconnect and handshook with version 2, the session
+//! numbers every trackable record it sends (invocations and completions), keeps them until the
+//! client acknowledges them, and counts the trackable records it receives. If the socket drops
+//! without a Close message, the connection stays alive — in the local registry and in the
+//! store — for [`HubOptions::reconnect_window`](crate::HubOptions::reconnect_window), collecting
+//! messages for the client. A new WebSocket presenting the same connection token (and a token
+//! for the same user) takes over: the session sends a Sequence message and replays every
+//! unacknowledged record, suppresses records the client re-sends that it already processed,
+//! re-records the connection in the store and runs `on_reconnected`.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt};
 use serde_json::value::RawValue;
 use switchboard_core::{ConnectionId, ConnectionRecord, UserId};
+use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{Instrument, debug, error, info_span, warn};
 
 use crate::delivery::user_group;
 use crate::hub::{HubContext, InvokeError};
-use crate::protocol::{self, ClientMessage, ProtocolError, RecordReader};
+use crate::protocol::{self, ClientMessage, ProtocolError, RecordReader, kind};
 use crate::registry::Outgoing;
 use crate::service::Inner;
 
@@ -28,13 +42,16 @@ pub(crate) struct ConnectionInfo {
     pub(crate) user_agent: Option<String>,
 }
 
-/// How a session ended.
+/// New transports for a connection that negotiated stateful reconnect.
+pub(crate) type Reattach = mpsc::Receiver<WebSocket>;
+
+/// How a session (or one of its transports) ended.
 #[derive(Debug)]
 enum End {
-    /// The client closed (Close message, close frame, or the socket ended).
+    /// The client said goodbye with a Close message.
     ClientClosed,
-    /// The socket failed.
-    SocketError(axum::Error),
+    /// The transport went away without a Close message (close frame, EOF, socket error).
+    TransportLost(Option<axum::Error>),
     /// We closed it, with this reason.
     Closed(String),
     /// The client stopped reading; we dropped it without a goodbye it would not read.
@@ -44,19 +61,27 @@ enum End {
 /// Most queued records written per flush.
 const WRITE_BATCH: usize = 64;
 
+/// How long after receiving trackable records an Ack is sent (stateful reconnect).
+const ACK_DELAY: Duration = Duration::from_secs(1);
+
 /// Runs a connection to the end and always cleans up: removes it from the local registry and
 /// from the store, runs `on_disconnected` if `on_connected` ran, and releases its token.
-pub(crate) async fn run(inner: Arc<Inner>, socket: WebSocket, info: ConnectionInfo) {
+pub(crate) async fn run(
+    inner: Arc<Inner>,
+    socket: WebSocket,
+    info: ConnectionInfo,
+    reattach: Option<Reattach>,
+) {
     let span = info_span!("connection", id = %info.id, user = %info.user);
     async move {
         let _active = inner.active.enter();
         let mut connected = false;
-        let outcome = AssertUnwindSafe(serve(&inner, socket, &info, &mut connected))
+        let outcome = AssertUnwindSafe(serve(&inner, socket, &info, reattach, &mut connected))
             .catch_unwind()
             .await;
         match outcome {
             Ok(End::ClientClosed) => debug!("client closed the connection"),
-            Ok(End::SocketError(e)) => debug!(error = %e, "socket error"),
+            Ok(End::TransportLost(e)) => debug!(error = ?e, "transport lost"),
             Ok(End::Closed(reason)) => debug!(%reason, "server closed the connection"),
             Ok(End::Unresponsive(reason)) => warn!(%reason, "dropped an unresponsive client"),
             Err(_) => error!("the connection task panicked; cleaning up"),
@@ -80,30 +105,32 @@ async fn cleanup(inner: &Inner, info: &ConnectionInfo, connected: bool) {
         }
     }
     inner.core.registry.remove(&info.id);
-    if connected {
-        match inner.core.store.remove(&info.user, &info.id).await {
-            Ok(_) => {}
-            Err(e) => {
-                error!(error = %e, "could not remove the connection from the store; the node's sweep or lease expiry will")
-            }
-        }
+    if connected && let Err(e) = inner.core.store.remove(&info.user, &info.id).await {
+        error!(
+            error = %e,
+            "could not remove the connection from the store; it stays until this node's lease expires"
+        );
     }
 }
 
-/// The per-connection state of the message loop.
-struct Session<'a> {
-    inner: &'a Inner,
-    info: &'a ConnectionInfo,
-    socket: WebSocket,
-    rx: tokio::sync::mpsc::Receiver<Outgoing>,
-    last_write: Instant,
-    last_read: Instant,
+fn record_of(inner: &Inner, info: &ConnectionInfo) -> ConnectionRecord {
+    let record = ConnectionRecord::new(
+        info.id.clone(),
+        info.user.clone(),
+        inner.core.node.clone(),
+        SystemTime::now(),
+    );
+    match &info.user_agent {
+        Some(ua) => record.with_user_agent(ua),
+        None => record,
+    }
 }
 
 async fn serve(
     inner: &Inner,
     mut socket: WebSocket,
     info: &ConnectionInfo,
+    reattach: Option<Reattach>,
     connected: &mut bool,
 ) -> End {
     let options = &inner.options;
@@ -123,8 +150,8 @@ async fn serve(
     .unwrap_or(Err(HandshakeEnd::Protocol(
         ProtocolError::HandshakeTimeout(options.handshake_timeout),
     )));
-    match handshake {
-        Ok(_version) => {}
+    let version = match handshake {
+        Ok(version) => version,
         Err(HandshakeEnd::Protocol(e)) => {
             let text = protocol::handshake_error(&e.to_string());
             let _ = socket.send(Message::Text(text.into())).await;
@@ -132,14 +159,24 @@ async fn serve(
             return End::Closed(e.to_string());
         }
         Err(HandshakeEnd::Socket(end)) => return end,
-    }
+    };
+    // Stateful reconnect needs both the negotiation and handshake version 2.
+    let stateful = match reattach {
+        Some(reattach) if version >= 2 => Some(Stateful::new(reattach)),
+        _ => {
+            if let Some(token) = &info.token {
+                inner.forbid_reattach(token);
+            }
+            None
+        }
+    };
     if let Err(e) = socket
         .send(Message::Text(Utf8Bytes::from_static(
             protocol::HANDSHAKE_OK,
         )))
         .await
     {
-        return End::SocketError(e);
+        return End::TransportLost(Some(e));
     }
 
     // Register locally first, so deliveries that find the new record also find the socket.
@@ -147,23 +184,14 @@ async fn serve(
     let (rx, overflow) = core
         .registry
         .insert(info.id.clone(), options.send_queue_capacity);
-    let mut record = ConnectionRecord::new(
-        info.id.clone(),
-        info.user.clone(),
-        core.node.clone(),
-        SystemTime::now(),
-    );
-    if let Some(ua) = &info.user_agent {
-        record = record.with_user_agent(ua);
-    }
-    if let Err(e) = core.store.add(record).await {
+    if let Err(e) = core.store.add(record_of(inner, info)).await {
         error!(error = %e, "could not record the connection");
-        let reason = "The connection store is unavailable; try again later.".to_owned();
+        let reason = "The connection store is unavailable; try again later.";
         let _ = socket
-            .send(Message::Text(protocol::close(Some(&reason), true).into()))
+            .send(Message::Text(protocol::close(Some(reason), true).into()))
             .await;
         close_socket(&mut socket).await;
-        return End::Closed(reason);
+        return End::Closed(reason.to_owned());
     }
     *connected = true;
     if !core.capabilities.lookup {
@@ -180,16 +208,34 @@ async fn serve(
         info,
         socket,
         rx,
+        overflow,
         last_write: now,
         last_read: now,
+        stateful,
     };
     if !early.is_empty()
         && let Err(end) = session.handle_records(&early).await
     {
-        return session.finish(Err(end)).await;
+        return session.finish(end).await;
     }
-    let end = session.message_loop(&mut reader, &overflow).await;
-    session.finish(end).await
+    loop {
+        let end = session.transport_loop(&mut reader).await;
+        match end {
+            End::TransportLost(e) if session.stateful.is_some() && !inner.shutting_down() => {
+                debug!(error = ?e, "transport lost; waiting for the client to re-attach");
+                match session.wait_for_reattach().await {
+                    Ok(socket) => {
+                        reader = RecordReader::default();
+                        if let Err(end) = session.resume(socket).await {
+                            return session.finish(end).await;
+                        }
+                    }
+                    Err(end) => return end,
+                }
+            }
+            end => return session.finish(end).await,
+        }
+    }
 }
 
 enum HandshakeEnd {
@@ -207,15 +253,16 @@ async fn read_handshake(
 ) -> Result<u8, HandshakeEnd> {
     loop {
         let frame = match socket.recv().await {
-            None => return Err(HandshakeEnd::Socket(End::ClientClosed)),
-            Some(Err(e)) => return Err(HandshakeEnd::Socket(End::SocketError(e))),
+            None | Some(Ok(Message::Close(_))) => {
+                return Err(HandshakeEnd::Socket(End::TransportLost(None)));
+            }
+            Some(Err(e)) => return Err(HandshakeEnd::Socket(End::TransportLost(Some(e)))),
             Some(Ok(Message::Text(text))) => Bytes::from(text),
             Some(Ok(Message::Binary(_))) => {
                 return Err(HandshakeEnd::Protocol(ProtocolError::Handshake(
                     "the handshake must be sent in a text frame".into(),
                 )));
             }
-            Some(Ok(Message::Close(_))) => return Err(HandshakeEnd::Socket(End::ClientClosed)),
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
         };
         let whole = reader
@@ -232,7 +279,7 @@ async fn read_handshake(
     }
 }
 
-fn not_reading(limit: std::time::Duration) -> End {
+fn not_reading(limit: Duration) -> End {
     End::Unresponsive(format!(
         "The client did not read its messages for {limit:?}."
     ))
@@ -247,85 +294,267 @@ async fn close_socket(socket: &mut WebSocket) {
         .await;
 }
 
+/// Bookkeeping of stateful reconnect.
+struct Stateful {
+    reattach: Reattach,
+    /// Number of the last trackable record sent.
+    sent: u64,
+    /// Sent trackable records the client has not acknowledged, oldest first.
+    unacked: VecDeque<(u64, Utf8Bytes)>,
+    unacked_bytes: usize,
+    /// Highest number of a trackable record received and processed.
+    received: u64,
+    /// Number of the last trackable record seen on the current transport.
+    incoming: u64,
+    /// When to acknowledge what was received.
+    ack_due: Option<Instant>,
+}
+
+impl Stateful {
+    fn new(reattach: Reattach) -> Self {
+        Self {
+            reattach,
+            sent: 0,
+            unacked: VecDeque::new(),
+            unacked_bytes: 0,
+            received: 0,
+            incoming: 0,
+            ack_due: None,
+        }
+    }
+
+    fn track(&mut self, text: &Utf8Bytes) {
+        self.sent += 1;
+        self.unacked_bytes += text.len();
+        self.unacked.push_back((self.sent, text.clone()));
+    }
+
+    fn acknowledge(&mut self, upto: u64) {
+        while self.unacked.front().is_some_and(|(seq, _)| *seq <= upto) {
+            if let Some((_, text)) = self.unacked.pop_front() {
+                self.unacked_bytes -= text.len();
+            }
+        }
+    }
+
+    /// Counts one received trackable record; `false` when it is a re-sent duplicate.
+    fn receive(&mut self) -> bool {
+        self.incoming += 1;
+        if self.incoming <= self.received {
+            return false;
+        }
+        self.received = self.incoming;
+        if self.ack_due.is_none() {
+            self.ack_due = Some(Instant::now() + ACK_DELAY);
+        }
+        true
+    }
+}
+
+/// The per-connection state of the message loop.
+struct Session<'a> {
+    inner: &'a Inner,
+    info: &'a ConnectionInfo,
+    socket: WebSocket,
+    rx: mpsc::Receiver<Outgoing>,
+    overflow: Arc<Notify>,
+    last_write: Instant,
+    last_read: Instant,
+    stateful: Option<Stateful>,
+}
+
 impl Session<'_> {
-    async fn message_loop(
-        &mut self,
-        reader: &mut RecordReader,
-        overflow: &tokio::sync::Notify,
-    ) -> Result<(), End> {
+    /// Whether the replay buffer has room for more records (always, without stateful
+    /// reconnect). When it is full, queued records wait for the client's Acks.
+    fn can_send(&self) -> bool {
+        self.stateful
+            .as_ref()
+            .is_none_or(|s| s.unacked_bytes < self.inner.options.reconnect_buffer_size)
+    }
+
+    /// Serves the current transport until it, or the connection, ends.
+    async fn transport_loop(&mut self, reader: &mut RecordReader) -> End {
         let options = &self.inner.options;
         let mut shutdown = self.inner.shutdown.subscribe();
+        let overflow = self.overflow.clone();
         let timer = sleep_until(self.next_deadline());
         tokio::pin!(timer);
         loop {
-            tokio::select! {
+            let can_send = self.can_send();
+            let step: Result<(), End> = tokio::select! {
                 biased;
                 Ok(()) = shutdown.changed() => {
-                    return Err(End::Closed("the server is shutting down".into()));
+                    Err(End::Closed("the server is shutting down".into()))
                 }
+                () = overflow.notified() => Err(End::Unresponsive(format!(
+                    "The client is not reading its messages: {} records are waiting.",
+                    options.send_queue_capacity
+                ))),
+                Some(out) = self.rx.recv(), if can_send => self.write_batch(out).await,
+                frame = self.socket.recv() => self.on_frame(frame, reader).await,
+                () = &mut timer => self.on_timer().await,
+                Some(socket) = recv_reattach(&mut self.stateful) => {
+                    // The client re-attached before we noticed the old transport died.
+                    *reader = RecordReader::default();
+                    self.resume(socket).await
+                }
+            };
+            if let Err(end) = step {
+                return end;
+            }
+            timer.as_mut().reset(self.next_deadline());
+        }
+    }
+
+    async fn on_frame(
+        &mut self,
+        frame: Option<Result<Message, axum::Error>>,
+        reader: &mut RecordReader,
+    ) -> Result<(), End> {
+        let frame = match frame {
+            None | Some(Ok(Message::Close(_))) => return Err(End::TransportLost(None)),
+            Some(Err(e)) => return Err(End::TransportLost(Some(e))),
+            Some(Ok(Message::Text(text))) => Bytes::from(text),
+            Some(Ok(Message::Binary(_))) => {
+                return Err(End::Closed(ProtocolError::BinaryFrame.to_string()));
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(()),
+        };
+        self.last_read = Instant::now();
+        let whole = reader
+            .complete(frame, self.inner.options.max_record_size)
+            .map_err(|e| End::Closed(e.to_string()))?;
+        self.handle_records(&whole).await
+    }
+
+    async fn on_timer(&mut self) -> Result<(), End> {
+        let options = &self.inner.options;
+        let now = Instant::now();
+        if now.duration_since(self.last_read) >= options.client_timeout {
+            return Err(End::Closed(format!(
+                "Client timeout: nothing was received for {:?}.",
+                options.client_timeout
+            )));
+        }
+        if let Some(stateful) = &mut self.stateful
+            && stateful.ack_due.is_some_and(|due| due <= now)
+        {
+            stateful.ack_due = None;
+            let ack = protocol::sequence_message(kind::ACK, stateful.received);
+            self.write_raw(ack.into()).await?;
+            self.flush().await?;
+        }
+        if now.duration_since(self.last_write) >= options.keep_alive_interval {
+            self.write_raw(Utf8Bytes::from_static(protocol::PING))
+                .await?;
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let options = &self.inner.options;
+        let mut deadline = (self.last_write + options.keep_alive_interval)
+            .min(self.last_read + options.client_timeout);
+        if let Some(due) = self.stateful.as_ref().and_then(|s| s.ack_due) {
+            deadline = deadline.min(due);
+        }
+        deadline
+    }
+
+    /// Keeps the connection alive without a transport until the client re-attaches, the
+    /// window closes, or the server shuts down. Messages for the client keep being numbered
+    /// and buffered for the replay.
+    async fn wait_for_reattach(&mut self) -> Result<WebSocket, End> {
+        let window = self.inner.options.reconnect_window;
+        let deadline = Instant::now() + window;
+        let mut shutdown = self.inner.shutdown.subscribe();
+        let overflow = self.overflow.clone();
+        loop {
+            let can_send = self.can_send();
+            let Some(stateful) = self.stateful.as_mut() else {
+                return Err(End::TransportLost(None));
+            };
+            tokio::select! {
+                biased;
+                Ok(()) = shutdown.changed() => return Err(End::TransportLost(None)),
                 () = overflow.notified() => {
+                    return Err(End::Unresponsive(
+                        "The client's messages overflowed while it was reconnecting.".into(),
+                    ));
+                }
+                socket = stateful.reattach.recv() => {
+                    return socket.ok_or(End::TransportLost(None));
+                }
+                Some(Outgoing::Record(text)) = self.rx.recv(), if can_send => {
+                    stateful.track(&text);
+                }
+                () = sleep_until(deadline) => {
                     return Err(End::Unresponsive(format!(
-                        "The client is not reading its messages: {} records are waiting.",
-                        options.send_queue_capacity
+                        "The client did not reconnect within {window:?}."
                     )));
-                }
-                Some(out) = self.rx.recv() => {
-                    self.write_batch(out).await?;
-                }
-                frame = self.socket.recv() => {
-                    let frame = match frame {
-                        None | Some(Ok(Message::Close(_))) => return Err(End::ClientClosed),
-                        Some(Err(e)) => return Err(End::SocketError(e)),
-                        Some(Ok(Message::Text(text))) => Bytes::from(text),
-                        Some(Ok(Message::Binary(_))) => {
-                            return Err(End::Closed(ProtocolError::BinaryFrame.to_string()));
-                        }
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    };
-                    self.last_read = Instant::now();
-                    let whole = reader
-                        .complete(frame, options.max_record_size)
-                        .map_err(|e| End::Closed(e.to_string()))?;
-                    self.handle_records(&whole).await?;
-                }
-                () = &mut timer => {
-                    let now = Instant::now();
-                    if now.duration_since(self.last_read) >= options.client_timeout {
-                        return Err(End::Closed(format!(
-                            "Client timeout: nothing was received for {:?}.",
-                            options.client_timeout
-                        )));
-                    }
-                    if now.duration_since(self.last_write) >= options.keep_alive_interval {
-                        self.write(Utf8Bytes::from_static(protocol::PING)).await?;
-                        self.flush().await?;
-                    }
-                    timer.as_mut().reset(self.next_deadline());
                 }
             }
         }
     }
 
-    fn next_deadline(&self) -> Instant {
-        let options = &self.inner.options;
-        (self.last_write + options.keep_alive_interval).min(self.last_read + options.client_timeout)
+    /// Takes over a new transport: Sequence, replay of unacknowledged records, the store
+    /// record and `on_reconnected`.
+    async fn resume(&mut self, socket: WebSocket) -> Result<(), End> {
+        let old = std::mem::replace(&mut self.socket, socket);
+        drop(old);
+        let Some(stateful) = self.stateful.as_mut() else {
+            return Err(End::TransportLost(None));
+        };
+        debug!(
+            unacked = stateful.unacked.len(),
+            "client re-attached; replaying"
+        );
+        stateful.incoming = stateful.received;
+        stateful.ack_due = None;
+        let first = stateful
+            .unacked
+            .front()
+            .map_or(stateful.sent + 1, |(seq, _)| *seq);
+        let replay: Vec<Utf8Bytes> = stateful.unacked.iter().map(|(_, t)| t.clone()).collect();
+        self.write_raw(protocol::sequence_message(kind::SEQUENCE, first).into())
+            .await?;
+        for text in replay {
+            self.write_raw(text).await?;
+        }
+        self.flush().await?;
+        self.last_read = Instant::now();
+
+        let inner = self.inner;
+        if let Err(e) = inner
+            .core
+            .store
+            .reconnect(record_of(inner, self.info))
+            .await
+        {
+            error!(error = %e, "could not record the re-attached connection");
+        }
+        let ctx = HubContext::new(
+            inner.core.clone(),
+            self.info.user.clone(),
+            self.info.id.clone(),
+        );
+        if let Some(hook) = inner.hub.reconnected_hook(ctx) {
+            hook.await;
+        }
+        Ok(())
     }
 
     /// Sends the closing messages that fit how the session ended.
-    async fn finish(mut self, end: Result<(), End>) -> End {
-        let end = match end {
-            Ok(()) => End::ClientClosed,
-            Err(end) => end,
-        };
+    async fn finish(mut self, end: End) -> End {
         if let End::Closed(reason) = &end {
-            let shutting_down = *self.inner.shutdown.borrow();
-            let message = if shutting_down {
+            let message = if self.inner.shutting_down() {
                 protocol::close(None, true)
             } else {
                 protocol::close(Some(reason), false)
             };
             let _ = self.drain_queue().await;
-            let _ = self.write(message.into()).await;
+            let _ = self.write_raw(message.into()).await;
             let _ = self.flush().await;
             let _ = timeout(
                 self.inner.options.client_timeout,
@@ -336,20 +565,28 @@ impl Session<'_> {
         end
     }
 
-    /// Queues a text frame on the socket. A client that stops reading cannot block the
-    /// session longer than the client timeout.
-    async fn write(&mut self, text: Utf8Bytes) -> Result<(), End> {
+    /// Queues a frame on the socket. A client that stops reading cannot block the session
+    /// longer than the client timeout.
+    async fn write_raw(&mut self, text: Utf8Bytes) -> Result<(), End> {
         let limit = self.inner.options.client_timeout;
         match timeout(limit, self.socket.feed(Message::Text(text))).await {
-            Ok(result) => result.map_err(End::SocketError),
+            Ok(result) => result.map_err(|e| End::TransportLost(Some(e))),
             Err(_) => Err(not_reading(limit)),
         }
+    }
+
+    /// Queues a trackable record (an invocation or a completion).
+    async fn write_tracked(&mut self, text: Utf8Bytes) -> Result<(), End> {
+        if let Some(stateful) = &mut self.stateful {
+            stateful.track(&text);
+        }
+        self.write_raw(text).await
     }
 
     async fn flush(&mut self) -> Result<(), End> {
         let limit = self.inner.options.client_timeout;
         let result = match timeout(limit, self.socket.flush()).await {
-            Ok(result) => result.map_err(End::SocketError),
+            Ok(result) => result.map_err(|e| End::TransportLost(Some(e))),
             Err(_) => Err(not_reading(limit)),
         };
         self.last_write = Instant::now();
@@ -359,10 +596,13 @@ impl Session<'_> {
     /// Writes `first` and whatever else is queued (up to a batch), then flushes once.
     async fn write_batch(&mut self, first: Outgoing) -> Result<(), End> {
         let Outgoing::Record(text) = first;
-        self.write(text).await?;
+        self.write_tracked(text).await?;
         for _ in 1..WRITE_BATCH {
+            if !self.can_send() {
+                break;
+            }
             match self.rx.try_recv() {
-                Ok(Outgoing::Record(text)) => self.write(text).await?,
+                Ok(Outgoing::Record(text)) => self.write_tracked(text).await?,
                 Err(_) => break,
             }
         }
@@ -372,7 +612,7 @@ impl Session<'_> {
     /// Writes everything queued so far (keeps sends of a method ahead of its Completion).
     async fn drain_queue(&mut self) -> Result<(), End> {
         while let Ok(Outgoing::Record(text)) = self.rx.try_recv() {
-            self.write(text).await?;
+            self.write_tracked(text).await?;
         }
         Ok(())
     }
@@ -383,6 +623,12 @@ impl Session<'_> {
             protocol::check_size(record, max).map_err(|e| End::Closed(e.to_string()))?;
             let message =
                 protocol::parse_message(record).map_err(|e| End::Closed(e.to_string()))?;
+            if is_trackable(&message)
+                && let Some(stateful) = &mut self.stateful
+                && !stateful.receive()
+            {
+                continue; // re-sent after a re-attach, already processed
+            }
             match message {
                 ClientMessage::Invocation {
                     invocation_id,
@@ -409,8 +655,21 @@ impl Session<'_> {
                 }
                 ClientMessage::Ping => {}
                 ClientMessage::Close => return Err(End::ClientClosed),
-                ClientMessage::Ack(_) | ClientMessage::Sequence(_) => {
-                    debug!("ignoring a stateful-reconnect message on a connection without it");
+                ClientMessage::Ack(upto) => {
+                    if let Some(stateful) = &mut self.stateful {
+                        stateful.acknowledge(upto);
+                    }
+                }
+                ClientMessage::Sequence(first) => {
+                    if let Some(stateful) = &mut self.stateful {
+                        if first > stateful.received + 1 {
+                            return Err(End::Closed(
+                                "Sequence ID greater than amount of messages we've received."
+                                    .into(),
+                            ));
+                        }
+                        stateful.incoming = first.saturating_sub(1);
+                    }
                 }
                 ClientMessage::Ignored(kind) => debug!(kind, "ignoring a message"),
             }
@@ -438,8 +697,32 @@ impl Session<'_> {
             Err(error) => protocol::completion_error(id, &error),
         };
         self.drain_queue().await?;
-        self.write(completion.into()).await?;
+        self.write_tracked(completion.into()).await?;
         self.flush().await
+    }
+}
+
+/// The next re-attaching transport, or never (without stateful reconnect).
+async fn recv_reattach(stateful: &mut Option<Stateful>) -> Option<WebSocket> {
+    match stateful {
+        Some(stateful) => stateful.reattach.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Records that count for stateful reconnect: invocations, stream items, completions, stream
+/// invocations and cancellations.
+fn is_trackable(message: &ClientMessage<'_>) -> bool {
+    match message {
+        ClientMessage::Invocation { .. } | ClientMessage::StreamInvocation { .. } => true,
+        ClientMessage::Ignored(kind) => matches!(
+            *kind,
+            kind::STREAM_ITEM | kind::COMPLETION | kind::CANCEL_INVOCATION
+        ),
+        ClientMessage::Ping
+        | ClientMessage::Close
+        | ClientMessage::Ack(_)
+        | ClientMessage::Sequence(_) => false,
     }
 }
 
