@@ -201,6 +201,12 @@ pub struct ClientProxy<'a> {
     target: Target,
 }
 
+impl<'a> ClientProxy<'a> {
+    pub(crate) fn new(core: &'a Core, target: Target) -> Self {
+        Self { core, target }
+    }
+}
+
 impl ClientProxy<'_> {
     /// Calls `method` with `arguments` (anything serializing to a JSON array, usually a tuple:
     /// `&("text",)`) on every chosen connection, exactly once each. The message is serialized

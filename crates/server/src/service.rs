@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use crate::auth::{self, Authenticator};
 use crate::config::HubOptions;
 use crate::delivery::Core;
-use crate::hub::Hub;
+use crate::hub::{ClientProxy, Hub, Target};
 use crate::session::{self, ConnectionInfo};
 
 /// State of a connection token handed out by negotiate.
@@ -164,6 +164,27 @@ impl HubService {
     /// This node's id.
     pub fn node(&self) -> &NodeId {
         &self.inner.core.node
+    }
+
+    /// Every live connection of `user`, for sending from outside a hub method (an HTTP
+    /// handler, a background job).
+    pub fn user(&self, user: &UserId) -> ClientProxy<'_> {
+        ClientProxy::new(&self.inner.core, Target::User(user.clone()))
+    }
+
+    /// One connection, by its public id, for sending from outside a hub method.
+    pub fn client(&self, id: &ConnectionId) -> ClientProxy<'_> {
+        ClientProxy::new(&self.inner.core, Target::Connection(id.clone()))
+    }
+
+    /// Every member of a group, for sending from outside a hub method.
+    pub fn group(&self, group: &str) -> ClientProxy<'_> {
+        ClientProxy::new(&self.inner.core, Target::Group(group.to_owned()))
+    }
+
+    /// Every connection of this hub on this node, for sending from outside a hub method.
+    pub fn all(&self) -> ClientProxy<'_> {
+        ClientProxy::new(&self.inner.core, Target::All)
     }
 
     /// Connections this node currently holds.

@@ -345,3 +345,52 @@ async fn a_client_that_stops_reading_is_dropped_and_others_are_unaffected() {
         .await;
     assert!(completion.get("error").is_none());
 }
+
+#[tokio::test]
+async fn the_application_can_send_from_outside_a_hub_method() {
+    let server = TestServer::start(HubOptions::default()).await;
+    let mut bob = server.connect("bob").await;
+    let mut bob_tablet = server.connect("bob").await;
+    server.wait_for_connections(2).await;
+    let bob_id = UserId::new("bob").expect("user");
+    let reached = server
+        .hub
+        .user(&bob_id)
+        .send("addChatMessage", &("system: maintenance at noon",))
+        .await
+        .expect("send");
+    assert_eq!(reached.connections, 2);
+    for client in [&mut bob, &mut bob_tablet] {
+        assert_eq!(
+            client.next_message().await.expect("message"),
+            chat("system: maintenance at noon")
+        );
+    }
+    let nobody = UserId::new("nobody").expect("user");
+    let reached = server
+        .hub
+        .user(&nobody)
+        .send("addChatMessage", &("x",))
+        .await
+        .expect("send");
+    assert_eq!(
+        reached.connections, 0,
+        "nobody there is reported, not hidden"
+    );
+    let reached = server
+        .hub
+        .all()
+        .send("addChatMessage", &("all",))
+        .await
+        .expect("send");
+    assert_eq!(reached.connections, 2);
+    assert!(
+        server
+            .hub
+            .user(&bob_id)
+            .send("x", &"not an array")
+            .await
+            .is_err(),
+        "arguments must be an array"
+    );
+}
