@@ -98,6 +98,13 @@ impl HubOptions {
         self
     }
 
+    /// Sets [`HubOptions::max_pending_negotiations`].
+    #[must_use]
+    pub fn with_max_pending_negotiations(mut self, value: usize) -> Self {
+        self.max_pending_negotiations = value;
+        self
+    }
+
     /// Sets [`HubOptions::lease`] and [`HubOptions::heartbeat_interval`].
     #[must_use]
     pub fn with_lease(mut self, lease: Duration, heartbeat_interval: Duration) -> Self {

@@ -95,6 +95,8 @@ pub(crate) struct Inner {
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) active: ActiveSessions,
     negotiations: AtomicU64,
+    /// Tokens in the `Pending` state.
+    pending: AtomicUsize,
 }
 
 impl Inner {
@@ -144,6 +146,7 @@ impl HubService {
                 shutdown,
                 active: ActiveSessions::default(),
                 negotiations: AtomicU64::new(0),
+                pending: AtomicUsize::new(0),
             }),
         }
     }
@@ -346,11 +349,14 @@ async fn negotiate(
     let now = Instant::now();
     if inner.negotiations.fetch_add(1, Ordering::Relaxed) % 1024 == 0 {
         inner.tokens.retain(|_, state| match state {
-            TokenState::Pending { expires, .. } => *expires > now,
-            TokenState::Attached { .. } => true,
+            TokenState::Pending { expires, .. } if *expires <= now => {
+                inner.pending.fetch_sub(1, Ordering::Relaxed);
+                false
+            }
+            _ => true,
         });
     }
-    if inner.tokens.len() >= inner.options.max_pending_negotiations {
+    if inner.pending.load(Ordering::Relaxed) >= inner.options.max_pending_negotiations {
         return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "too many connections are being negotiated; try again later",
@@ -366,6 +372,7 @@ async fn negotiate(
     } else {
         random_token(32)
     };
+    inner.pending.fetch_add(1, Ordering::Relaxed);
     inner.tokens.insert(
         token.clone().into_boxed_str(),
         TokenState::Pending {
@@ -492,6 +499,7 @@ fn claim_token(inner: &Inner, token: &str, user: &UserId) -> Result<Claim, Box<R
         ))),
         TokenState::Pending { expires, .. } if *expires <= Instant::now() => {
             entry.remove();
+            inner.pending.fetch_sub(1, Ordering::Relaxed);
             Err(not_found())
         }
         TokenState::Pending { user: owner, .. } if owner != user => Err(other_user()),
@@ -515,6 +523,7 @@ fn claim_token(inner: &Inner, token: &str, user: &UserId) -> Result<Claim, Box<R
             else {
                 return Err(not_found());
             };
+            inner.pending.fetch_sub(1, Ordering::Relaxed);
             Ok(Claim::New(
                 ConnectionInfo {
                     id,

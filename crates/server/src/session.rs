@@ -402,7 +402,12 @@ impl Session<'_> {
             if let Err(end) = step {
                 return end;
             }
-            timer.as_mut().reset(self.next_deadline());
+            // Deadlines only move later as traffic flows, except when an Ack becomes due:
+            // touch the timer only when it fired or must fire sooner.
+            let next = self.next_deadline();
+            if timer.is_elapsed() || next < timer.deadline() {
+                timer.as_mut().reset(next);
+            }
         }
     }
 

@@ -262,3 +262,22 @@ async fn health_reports_the_store() {
     assert_eq!(health["status"], "ok");
     assert_eq!(health["store"], "memory");
 }
+
+#[tokio::test]
+async fn negotiations_waiting_for_a_websocket_are_bounded() {
+    let server = TestServer::start(HubOptions::default().with_max_pending_negotiations(2)).await;
+    let first = server.negotiate("alice").await;
+    server.negotiate("alice").await;
+    let auth = format!("Bearer {}", server.token("alice"));
+    let (status, body) = negotiate_status(&server, &[("authorization", &auth)]).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("too many connections are being negotiated"));
+    // Attaching one frees its place; attached connections do not count.
+    let token = first["connectionToken"].as_str().expect("token");
+    let mut client = server
+        .open(&format!("?id={token}"), Some(&server.token("alice")))
+        .await
+        .expect("attach");
+    client.handshake().await;
+    server.negotiate("alice").await;
+}
