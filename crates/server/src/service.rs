@@ -286,12 +286,15 @@ fn error_response(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
-/// Verifies the caller's access token; `Err` is the 401 to send.
-fn authenticate(
-    inner: &Inner,
-    headers: &HeaderMap,
-    query: Option<&str>,
-) -> Result<UserId, Box<Response>> {
+/// Admits a request to the hub: `Err` is the 503 to send while shutting down, or the 401 for
+/// a missing or invalid access token.
+fn admit(inner: &Inner, headers: &HeaderMap, query: Option<&str>) -> Result<UserId, Box<Response>> {
+    if inner.shutting_down() {
+        return Err(Box::new(error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        )));
+    }
     let Some(token) = auth::bearer_token(headers, query) else {
         return Err(Box::new(unauthorized("an access token is required")));
     };
@@ -323,13 +326,7 @@ async fn negotiate(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    if *inner.shutdown.borrow() {
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the server is shutting down",
-        );
-    }
-    let user = match authenticate(&inner, &headers, query.as_deref()) {
+    let user = match admit(&inner, &headers, query.as_deref()) {
         Ok(user) => user,
         Err(response) => return *response,
     };
@@ -406,13 +403,7 @@ async fn connect(
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    if *inner.shutdown.borrow() {
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the server is shutting down",
-        );
-    }
-    let user = match authenticate(&inner, &headers, query.as_deref()) {
+    let user = match admit(&inner, &headers, query.as_deref()) {
         Ok(user) => user,
         Err(response) => return *response,
     };

@@ -31,10 +31,7 @@ async fn handshake_then_invocation_gets_exactly_one_completion() {
 #[tokio::test]
 async fn handshake_version_2_is_accepted() {
     let server = TestServer::start(options()).await;
-    let mut client = server
-        .open("", Some(&server.token("alice")))
-        .await
-        .expect("authorized");
+    let mut client = server.open_as("alice").await;
     client
         .send_record(r#"{"protocol":"json","version":2}"#)
         .await;
@@ -44,10 +41,7 @@ async fn handshake_version_2_is_accepted() {
 #[tokio::test]
 async fn messagepack_is_refused_in_the_handshake() {
     let server = TestServer::start(options()).await;
-    let mut client = server
-        .open("", Some(&server.token("alice")))
-        .await
-        .expect("authorized");
+    let mut client = server.open_as("alice").await;
     client
         .send_record(r#"{"protocol":"messagepack","version":1}"#)
         .await;
@@ -77,10 +71,7 @@ async fn unsupported_handshake_version_and_garbage_handshakes_are_refused() {
         r#"{"type":1,"target":"x","arguments":[]}"#,
         "definitely not json",
     ] {
-        let mut client = server
-            .open("", Some(&server.token("alice")))
-            .await
-            .expect("authorized");
+        let mut client = server.open_as("alice").await;
         client.send_record(handshake).await;
         let reply = client.next_text().await.expect("handshake error");
         assert!(reply.starts_with("{\"error\":"), "{handshake} → {reply}");
@@ -92,10 +83,7 @@ async fn unsupported_handshake_version_and_garbage_handshakes_are_refused() {
 async fn a_missing_handshake_times_out_with_an_error() {
     let server =
         TestServer::start(options().with_handshake_timeout(Duration::from_millis(200))).await;
-    let mut client = server
-        .open("", Some(&server.token("alice")))
-        .await
-        .expect("authorized");
+    let mut client = server.open_as("alice").await;
     let reply = client.next_text().await.expect("handshake error");
     assert!(reply.contains("Handshake was not received"), "{reply}");
     assert!(client.next_text().await.is_none());
@@ -107,8 +95,7 @@ async fn malformed_json_closes_with_a_clear_error() {
     let mut client = server.connect("alice").await;
     server.wait_for_connections(1).await;
     client.send_text("{\"type\":1,\"target\":\u{1e}").await;
-    let close = client.expect_close().await;
-    let error = close["error"].as_str().expect("an error");
+    let error = client.close_error().await;
     assert!(error.starts_with("Invalid message"), "{error}");
     server.wait_for_connections(0).await;
 }
@@ -125,13 +112,8 @@ async fn records_without_a_type_or_with_bad_fields_close_with_an_error() {
     ] {
         let mut client = server.connect("alice").await;
         client.send_record(bad).await;
-        let close = client.expect_close().await;
-        assert!(
-            close["error"]
-                .as_str()
-                .is_some_and(|e| e.starts_with("Invalid message")),
-            "{bad} → {close}"
-        );
+        let error = client.close_error().await;
+        assert!(error.starts_with("Invalid message"), "{bad} → {error}");
     }
 }
 
@@ -144,8 +126,7 @@ async fn an_oversized_record_closes_with_a_clear_error() {
         "x".repeat(2000)
     );
     client.send_record(&big).await;
-    let close = client.expect_close().await;
-    let error = close["error"].as_str().expect("an error");
+    let error = client.close_error().await;
     assert!(error.starts_with("Message too large"), "{error}");
     assert!(error.contains("1024"), "{error}");
 }

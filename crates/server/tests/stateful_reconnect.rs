@@ -37,6 +37,17 @@ async fn negotiate_stateful(server: &TestServer, user: &str) -> String {
         .to_owned()
 }
 
+/// Negotiates stateful reconnect as `user`, attaches and handshakes with version 2.
+async fn connect_stateful(server: &TestServer, user: &str) -> (String, RawClient) {
+    let token = negotiate_stateful(server, user).await;
+    let mut client = attach(server, user, &token).await;
+    client
+        .send_record(r#"{"protocol":"json","version":2}"#)
+        .await;
+    assert_eq!(client.next_text().await.as_deref(), Some("{}\u{1e}"));
+    (token, client)
+}
+
 async fn attach(server: &TestServer, user: &str, token: &str) -> RawClient {
     server
         .open(&format!("?id={token}"), Some(&server.token(user)))
@@ -91,10 +102,7 @@ async fn a_dropped_socket_reattaches_and_gets_everything_it_missed() {
         options(Duration::from_secs(10)),
     )
     .await;
-    let token = negotiate_stateful(&server, "bob").await;
-    let mut bob = attach(&server, "bob", &token).await;
-    bob.send_record(r#"{"protocol":"json","version":2}"#).await;
-    assert_eq!(bob.next_text().await.as_deref(), Some("{}\u{1e}"));
+    let (token, mut bob) = connect_stateful(&server, "bob").await;
     let mut alice = server.connect("alice").await;
     server.wait_for_connections(2).await;
 
@@ -192,10 +200,7 @@ async fn a_dropped_socket_reattaches_and_gets_everything_it_missed() {
 #[tokio::test]
 async fn the_server_acknowledges_what_it_received() {
     let server = TestServer::start(options(Duration::from_secs(5))).await;
-    let token = negotiate_stateful(&server, "bob").await;
-    let mut bob = attach(&server, "bob", &token).await;
-    bob.send_record(r#"{"protocol":"json","version":2}"#).await;
-    assert_eq!(bob.next_text().await.as_deref(), Some("{}\u{1e}"));
+    let (_token, mut bob) = connect_stateful(&server, "bob").await;
     bob.invoke("1", "SendChatMessage", json!(["nobody", "x"]))
         .await;
     bob.invoke("2", "SendChatMessage", json!(["nobody", "y"]))
@@ -212,20 +217,11 @@ async fn the_server_acknowledges_what_it_received() {
 #[tokio::test]
 async fn a_client_that_does_not_come_back_is_disconnected_after_the_window() {
     let server = TestServer::start(options(Duration::from_millis(300))).await;
-    let token = negotiate_stateful(&server, "bob").await;
-    let mut bob = attach(&server, "bob", &token).await;
-    bob.send_record(r#"{"protocol":"json","version":2}"#).await;
-    assert_eq!(bob.next_text().await.as_deref(), Some("{}\u{1e}"));
+    let (token, bob) = connect_stateful(&server, "bob").await;
     server.wait_for_connections(1).await;
     drop(bob);
     server.wait_for_connections(0).await;
-    assert_eq!(
-        server
-            .open(&format!("?id={token}"), Some(&server.token("bob")))
-            .await
-            .err(),
-        Some(404)
-    );
+    assert_eq!(server.attach_refusal(&token, "bob").await, Some(404));
 }
 
 #[tokio::test]
@@ -235,13 +231,7 @@ async fn a_version_1_handshake_turns_stateful_reconnect_off() {
     let mut bob = attach(&server, "bob", &token).await;
     bob.handshake().await; // version 1
     server.wait_for_connections(1).await;
-    assert_eq!(
-        server
-            .open(&format!("?id={token}"), Some(&server.token("bob")))
-            .await
-            .err(),
-        Some(409)
-    );
+    assert_eq!(server.attach_refusal(&token, "bob").await, Some(409));
     drop(bob);
     server.wait_for_connections(0).await;
 }
@@ -249,18 +239,9 @@ async fn a_version_1_handshake_turns_stateful_reconnect_off() {
 #[tokio::test]
 async fn only_the_same_user_can_reattach() {
     let server = TestServer::start(options(Duration::from_secs(5))).await;
-    let token = negotiate_stateful(&server, "bob").await;
-    let mut bob = attach(&server, "bob", &token).await;
-    bob.send_record(r#"{"protocol":"json","version":2}"#).await;
-    assert_eq!(bob.next_text().await.as_deref(), Some("{}\u{1e}"));
+    let (token, bob) = connect_stateful(&server, "bob").await;
     drop(bob);
-    assert_eq!(
-        server
-            .open(&format!("?id={token}"), Some(&server.token("mallory")))
-            .await
-            .err(),
-        Some(403)
-    );
+    assert_eq!(server.attach_refusal(&token, "mallory").await, Some(403));
     assert_eq!(
         server.open(&format!("?id={token}"), None).await.err(),
         Some(401)
@@ -270,10 +251,7 @@ async fn only_the_same_user_can_reattach() {
 #[tokio::test]
 async fn a_sequence_beyond_what_was_received_is_fatal() {
     let server = TestServer::start(options(Duration::from_secs(5))).await;
-    let token = negotiate_stateful(&server, "bob").await;
-    let mut bob = attach(&server, "bob", &token).await;
-    bob.send_record(r#"{"protocol":"json","version":2}"#).await;
-    assert_eq!(bob.next_text().await.as_deref(), Some("{}\u{1e}"));
+    let (token, bob) = connect_stateful(&server, "bob").await;
     drop(bob);
     let mut bob = attach(&server, "bob", &token).await;
     let sequence = bob.next_message().await.expect("sequence");

@@ -118,6 +118,20 @@ impl TestServer {
         }
     }
 
+    /// A WebSocket of `user` before the handshake (skipNegotiation).
+    pub async fn open_as(&self, user: &str) -> RawClient {
+        self.open("", Some(&self.token(user)))
+            .await
+            .expect("authorized")
+    }
+
+    /// The HTTP status refusing `user`'s WebSocket for connection token `token`, if refused.
+    pub async fn attach_refusal(&self, token: &str, user: &str) -> Option<u16> {
+        self.open(&format!("?id={token}"), Some(&self.token(user)))
+            .await
+            .err()
+    }
+
     /// A connected, handshaken client of `user` (skipNegotiation).
     pub async fn connect(&self, user: &str) -> RawClient {
         let mut client = self
@@ -302,6 +316,15 @@ impl RawClient {
             "the socket must close after the Close message"
         );
         close
+    }
+
+    /// Expects a Close message carrying an error, then the end of the socket; returns the error.
+    pub async fn close_error(&mut self) -> String {
+        let close = self.expect_close().await;
+        close["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("the Close message has no error: {close}"))
+            .to_owned()
     }
 
     /// Invokes `target` with an id and returns its Completion, skipping anything else.
