@@ -20,7 +20,8 @@ pub struct HubOptions {
     pub negotiate_ttl: Duration,
     /// Most negotiated connections waiting for a WebSocket at once. Default 100 000.
     pub max_pending_negotiations: usize,
-    /// WebSocket read buffer per connection, in bytes. Default 4 KiB.
+    /// WebSocket read buffer per connection, in bytes; larger frames grow it while they are
+    /// read. Default 2 KiB.
     pub read_buffer_size: usize,
     /// WebSocket write buffer target per connection, in bytes. Default 8 KiB.
     pub write_buffer_size: usize,
@@ -50,7 +51,7 @@ impl Default for HubOptions {
             send_queue_capacity: 1024,
             negotiate_ttl: Duration::from_secs(30),
             max_pending_negotiations: 100_000,
-            read_buffer_size: 4 * 1024,
+            read_buffer_size: 2 * 1024,
             write_buffer_size: 8 * 1024,
             lease: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(10),

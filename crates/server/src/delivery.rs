@@ -6,7 +6,7 @@ use axum::extract::ws::Utf8Bytes;
 use switchboard_core::{Capabilities, ConnectionId, ConnectionStore, NodeId, UserId};
 
 use crate::hub::{Delivery, HubError, Target};
-use crate::registry::{Outgoing, Registry, Sent};
+use crate::registry::{Registry, Sent};
 
 /// What every session and hub method of one hub shares.
 #[derive(Debug)]
@@ -39,7 +39,7 @@ impl Core {
         target: &Target,
         record: String,
     ) -> Result<Delivery, HubError> {
-        let out = Outgoing::Record(Utf8Bytes::from(record));
+        let out = Utf8Bytes::from(record);
         let connections = match target {
             Target::Connection(id) => self.send_each(std::iter::once(id), &out),
             Target::User(user) if self.capabilities.lookup => {
@@ -72,7 +72,7 @@ impl Core {
         Ok(Delivery { connections })
     }
 
-    fn send_each<'a>(&self, ids: impl Iterator<Item = &'a ConnectionId>, out: &Outgoing) -> usize {
+    fn send_each<'a>(&self, ids: impl Iterator<Item = &'a ConnectionId>, out: &Utf8Bytes) -> usize {
         ids.filter(|id| match self.registry.send(id, out) {
             Sent::Queued => true,
             Sent::Gone => false,

@@ -4,27 +4,103 @@
 //! connections a user has anywhere; the registry holds the write ends of the sockets this node
 //! serves.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use switchboard_core::ConnectionId;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
-/// What a session is told to write.
-#[derive(Debug, Clone)]
-pub(crate) enum Outgoing {
-    /// One whole serialized record, shared between all recipients of a fan-out.
-    Record(Utf8Bytes),
+/// The outgoing queue of one local connection: whole serialized records, shared between all
+/// recipients of a fan-out, waiting for the connection's session to write them.
+///
+/// Lean on purpose (it exists once per connection): an idle mailbox holds no buffer, senders
+/// never wait, and the session takes a whole batch under one lock.
+#[derive(Debug)]
+pub(crate) struct Mailbox {
+    queue: Mutex<VecDeque<Utf8Bytes>>,
+    capacity: usize,
+    /// Wakes the session: records arrived, or the queue overflowed.
+    signal: Notify,
+    overflowed: AtomicBool,
+}
+
+/// What the session should do next with its mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MailboxEvent {
+    /// Records are waiting.
+    Ready,
+    /// The queue overflowed: the client does not read; close the connection.
+    Overflowed,
+}
+
+impl Mailbox {
+    fn new(capacity: usize) -> Self {
+        Self {
+            queue: Mutex::new(VecDeque::new()),
+            capacity: capacity.max(1),
+            signal: Notify::new(),
+            overflowed: AtomicBool::new(false),
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Utf8Bytes>> {
+        // The queue holds plain values; a panic elsewhere cannot leave it inconsistent.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a record without waiting.
+    fn push(&self, record: &Utf8Bytes) -> Sent {
+        let mut queue = self.queue();
+        if queue.len() >= self.capacity {
+            drop(queue);
+            self.overflowed.store(true, Ordering::Release);
+            self.signal.notify_one();
+            return Sent::Overflow;
+        }
+        queue.push_back(record.clone());
+        drop(queue);
+        self.signal.notify_one();
+        Sent::Queued
+    }
+
+    /// Waits until records are queued or the queue overflowed. Cancel-safe.
+    pub(crate) async fn ready(&self) -> MailboxEvent {
+        loop {
+            if self.overflowed.load(Ordering::Acquire) {
+                return MailboxEvent::Overflowed;
+            }
+            if !self.queue().is_empty() {
+                return MailboxEvent::Ready;
+            }
+            // A push between the check and here leaves a permit: this returns at once.
+            self.signal.notified().await;
+        }
+    }
+
+    /// Moves up to `max` queued records into `batch`.
+    pub(crate) fn take(&self, batch: &mut Vec<Utf8Bytes>, max: usize) {
+        let mut queue = self.queue();
+        let n = queue.len().min(max);
+        batch.extend(queue.drain(..n));
+        if queue.is_empty() && queue.capacity() > 64 {
+            // Give back what a burst grew, so idle connections stay small.
+            queue.shrink_to_fit();
+        }
+    }
+
+    /// Takes the oldest queued record.
+    pub(crate) fn pop(&self) -> Option<Utf8Bytes> {
+        self.queue().pop_front()
+    }
 }
 
 /// The write side of one local connection.
 #[derive(Debug)]
 pub(crate) struct LocalConnection {
-    tx: mpsc::Sender<Outgoing>,
-    /// Woken when the connection must be closed because its queue overflowed.
-    overflow: Arc<Notify>,
+    mailbox: Arc<Mailbox>,
     groups: Vec<Arc<str>>,
 }
 
@@ -47,23 +123,17 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
-    /// Registers a connection; returns the receiving end of its queue and its overflow signal.
-    pub(crate) fn insert(
-        &self,
-        id: ConnectionId,
-        capacity: usize,
-    ) -> (mpsc::Receiver<Outgoing>, Arc<Notify>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        let overflow = Arc::new(Notify::new());
+    /// Registers a connection; returns its mailbox, which holds at most `capacity` records.
+    pub(crate) fn insert(&self, id: ConnectionId, capacity: usize) -> Arc<Mailbox> {
+        let mailbox = Arc::new(Mailbox::new(capacity));
         self.connections.insert(
             id,
             LocalConnection {
-                tx,
-                overflow: overflow.clone(),
+                mailbox: mailbox.clone(),
                 groups: Vec::new(),
             },
         );
-        (rx, overflow)
+        mailbox
     }
 
     /// Unregisters a connection and takes it out of its groups.
@@ -84,17 +154,10 @@ impl Registry {
     }
 
     /// Queues `record` for one connection without waiting.
-    pub(crate) fn send(&self, id: &ConnectionId, record: &Outgoing) -> Sent {
-        let Some(conn) = self.connections.get(id) else {
-            return Sent::Gone;
-        };
-        match conn.tx.try_send(record.clone()) {
-            Ok(()) => Sent::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                conn.overflow.notify_one();
-                Sent::Overflow
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Sent::Gone,
+    pub(crate) fn send(&self, id: &ConnectionId, record: &Utf8Bytes) -> Sent {
+        match self.connections.get(id) {
+            Some(conn) => conn.mailbox.push(record),
+            None => Sent::Gone,
         }
     }
 
@@ -154,8 +217,8 @@ mod tests {
     #[test]
     fn groups_follow_their_members() {
         let registry = Registry::default();
-        let (_rx1, _) = registry.insert(id("a"), 4);
-        let (_rx2, _) = registry.insert(id("b"), 4);
+        let _a = registry.insert(id("a"), 4);
+        let _b = registry.insert(id("b"), 4);
         assert!(registry.join(&id("a"), "room"));
         assert!(registry.join(&id("b"), "room"));
         assert!(registry.join(&id("b"), "room"), "joining twice is harmless");
@@ -174,19 +237,53 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_reports_overflow_and_signals_it() {
+    fn records_queue_in_order_and_come_out_in_batches() {
         let registry = Registry::default();
-        let (_rx, overflow) = registry.insert(id("a"), 1);
-        let record = Outgoing::Record(Utf8Bytes::from_static("{}\u{1e}"));
+        let mailbox = registry.insert(id("a"), 8);
+        for text in ["1", "2", "3"] {
+            assert_eq!(
+                registry.send(&id("a"), &Utf8Bytes::from_static(text)),
+                Sent::Queued
+            );
+        }
+        assert_eq!(
+            futures_util::FutureExt::now_or_never(mailbox.ready()),
+            Some(MailboxEvent::Ready)
+        );
+        let mut batch = Vec::new();
+        mailbox.take(&mut batch, 2);
+        assert_eq!(batch, ["1", "2"]);
+        assert_eq!(mailbox.pop().as_deref(), Some("3"));
+        assert_eq!(mailbox.pop(), None);
+        assert_eq!(
+            registry.send(&id("nobody"), &Utf8Bytes::from_static("x")),
+            Sent::Gone
+        );
+    }
+
+    #[test]
+    fn a_full_queue_reports_overflow_and_wakes_the_session() {
+        let registry = Registry::default();
+        let mailbox = registry.insert(id("a"), 1);
+        let record = Utf8Bytes::from_static("{}\u{1e}");
         assert_eq!(registry.send(&id("a"), &record), Sent::Queued);
         assert_eq!(registry.send(&id("a"), &record), Sent::Overflow);
-        let notified = overflow.notified();
-        tokio::pin!(notified);
-        // notify_one stored a permit, so the future completes at once.
-        assert!(
-            futures_util::FutureExt::now_or_never(notified).is_some(),
-            "overflow must wake the session"
+        assert_eq!(
+            futures_util::FutureExt::now_or_never(mailbox.ready()),
+            Some(MailboxEvent::Overflowed)
         );
-        assert_eq!(registry.send(&id("nobody"), &record), Sent::Gone);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_session_is_woken_by_a_send() {
+        let registry = Arc::new(Registry::default());
+        let mailbox = registry.insert(id("a"), 4);
+        let waiter = tokio::spawn(async move { mailbox.ready().await });
+        tokio::task::yield_now().await;
+        assert_eq!(
+            registry.send(&id("a"), &Utf8Bytes::from_static("x")),
+            Sent::Queued
+        );
+        assert_eq!(waiter.await.expect("no panic"), MailboxEvent::Ready);
     }
 }

@@ -451,7 +451,15 @@ fn configure(upgrade: WebSocketUpgrade, options: &HubOptions) -> WebSocketUpgrad
     upgrade
         .read_buffer_size(options.read_buffer_size)
         .write_buffer_size(options.write_buffer_size)
-        .max_write_buffer_size(options.max_record_size.saturating_mul(64).max(1 << 20))
+        // Must exceed the write buffer target, or the WebSocket refuses the configuration.
+        .max_write_buffer_size(
+            options.max_record_size.saturating_mul(64).max(1 << 20).max(
+                options
+                    .write_buffer_size
+                    .saturating_add(options.max_record_size)
+                    + 1,
+            ),
+        )
         .max_message_size(options.max_record_size.saturating_mul(4))
         .max_frame_size(options.max_record_size.saturating_mul(4))
 }

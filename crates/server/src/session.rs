@@ -23,14 +23,14 @@ use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt};
 use serde_json::value::RawValue;
 use switchboard_core::{ConnectionId, ConnectionRecord, UserId};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
-use tracing::{Instrument, debug, error, info_span, warn};
+use tracing::{Instrument, debug, debug_span, error, warn};
 
 use crate::delivery::user_group;
 use crate::hub::{HubContext, InvokeError};
 use crate::protocol::{self, ClientMessage, ProtocolError, RecordReader, kind};
-use crate::registry::Outgoing;
+use crate::registry::{Mailbox, MailboxEvent};
 use crate::service::Inner;
 
 /// Who is behind a connection that is about to start.
@@ -72,7 +72,9 @@ pub(crate) async fn run(
     info: ConnectionInfo,
     reattach: Option<Reattach>,
 ) {
-    let span = info_span!("connection", id = %info.id, user = %info.user);
+    // A debug span: free unless debug logging is on. Warnings and errors name the connection
+    // themselves.
+    let span = debug_span!("connection", id = %info.id, user = %info.user);
     async move {
         let _active = inner.active.enter();
         let mut connected = false;
@@ -83,8 +85,17 @@ pub(crate) async fn run(
             Ok(End::ClientClosed) => debug!("client closed the connection"),
             Ok(End::TransportLost(e)) => debug!(error = ?e, "transport lost"),
             Ok(End::Closed(reason)) => debug!(%reason, "server closed the connection"),
-            Ok(End::Unresponsive(reason)) => warn!(%reason, "dropped an unresponsive client"),
-            Err(_) => error!("the connection task panicked; cleaning up"),
+            Ok(End::Unresponsive(reason)) => warn!(
+                connection = %info.id,
+                user = %info.user,
+                %reason,
+                "dropped an unresponsive client"
+            ),
+            Err(_) => error!(
+                connection = %info.id,
+                user = %info.user,
+                "the connection task panicked; cleaning up"
+            ),
         }
         cleanup(&inner, &info, connected).await;
     }
@@ -101,12 +112,14 @@ async fn cleanup(inner: &Inner, info: &ConnectionInfo, connected: bool) {
         if let Some(hook) = inner.hub.disconnected_hook(ctx)
             && AssertUnwindSafe(hook).catch_unwind().await.is_err()
         {
-            error!("on_disconnected panicked");
+            error!(connection = %info.id, user = %info.user, "on_disconnected panicked");
         }
     }
     inner.core.registry.remove(&info.id);
     if connected && let Err(e) = inner.core.store.remove(&info.user, &info.id).await {
         error!(
+            connection = %info.id,
+            user = %info.user,
             error = %e,
             "could not remove the connection from the store; it stays until this node's lease expires"
         );
@@ -128,11 +141,52 @@ fn record_of(inner: &Inner, info: &ConnectionInfo) -> ConnectionRecord {
 
 async fn serve(
     inner: &Inner,
-    mut socket: WebSocket,
+    socket: WebSocket,
     info: &ConnectionInfo,
     reattach: Option<Reattach>,
     connected: &mut bool,
 ) -> End {
+    // Boxed: the set-up's locals are freed once it is done, so a live connection's future
+    // holds only the session.
+    let (mut session, mut reader, early) =
+        match Box::pin(open(inner, socket, info, reattach, connected)).await {
+            Ok(opened) => opened,
+            Err(end) => return end,
+        };
+    if !early.is_empty()
+        && let Err(end) = Box::pin(session.handle_records(&early)).await
+    {
+        return Box::pin(session.finish(end)).await;
+    }
+    loop {
+        let end = session.transport_loop(&mut reader).await;
+        match end {
+            End::TransportLost(e) if session.stateful.is_some() && !inner.shutting_down() => {
+                debug!(error = ?e, "transport lost; waiting for the client to re-attach");
+                match Box::pin(session.wait_for_reattach()).await {
+                    Ok(socket) => {
+                        reader = RecordReader::default();
+                        if let Err(end) = Box::pin(session.resume(socket)).await {
+                            return Box::pin(session.finish(end)).await;
+                        }
+                    }
+                    Err(end) => return end,
+                }
+            }
+            end => return Box::pin(session.finish(end)).await,
+        }
+    }
+}
+
+/// Handshake, registration in the local registry and the store, and `on_connected`. Returns
+/// the session, its record reader and any records that followed the handshake.
+async fn open<'a>(
+    inner: &'a Inner,
+    mut socket: WebSocket,
+    info: &'a ConnectionInfo,
+    reattach: Option<Reattach>,
+    connected: &mut bool,
+) -> Result<(Session<'a>, RecordReader, Bytes), End> {
     let options = &inner.options;
     let mut reader = RecordReader::default();
     // Records that arrived in the same frame right after the handshake.
@@ -156,9 +210,9 @@ async fn serve(
             let text = protocol::handshake_error(&e.to_string());
             let _ = socket.send(Message::Text(text.into())).await;
             close_socket(&mut socket).await;
-            return End::Closed(e.to_string());
+            return Err(End::Closed(e.to_string()));
         }
-        Err(HandshakeEnd::Socket(end)) => return end,
+        Err(HandshakeEnd::Socket(end)) => return Err(end),
     };
     // Stateful reconnect needs both the negotiation and handshake version 2.
     let stateful = match reattach {
@@ -176,22 +230,22 @@ async fn serve(
         )))
         .await
     {
-        return End::TransportLost(Some(e));
+        return Err(End::TransportLost(Some(e)));
     }
 
     // Register locally first, so deliveries that find the new record also find the socket.
     let core = &inner.core;
-    let (rx, overflow) = core
+    let mailbox = core
         .registry
         .insert(info.id.clone(), options.send_queue_capacity);
     if let Err(e) = core.store.add(record_of(inner, info)).await {
-        error!(error = %e, "could not record the connection");
+        error!(connection = %info.id, user = %info.user, error = %e, "could not record the connection");
         let reason = "The connection store is unavailable; try again later.";
         let _ = socket
             .send(Message::Text(protocol::close(Some(reason), true).into()))
             .await;
         close_socket(&mut socket).await;
-        return End::Closed(reason.to_owned());
+        return Err(End::Closed(reason.to_owned()));
     }
     *connected = true;
     if !core.capabilities.lookup {
@@ -203,39 +257,17 @@ async fn serve(
     }
 
     let now = Instant::now();
-    let mut session = Session {
+    let session = Session {
         inner,
         info,
         socket,
-        rx,
-        overflow,
+        mailbox,
+        batch: Vec::new(),
         last_write: now,
         last_read: now,
         stateful,
     };
-    if !early.is_empty()
-        && let Err(end) = session.handle_records(&early).await
-    {
-        return session.finish(end).await;
-    }
-    loop {
-        let end = session.transport_loop(&mut reader).await;
-        match end {
-            End::TransportLost(e) if session.stateful.is_some() && !inner.shutting_down() => {
-                debug!(error = ?e, "transport lost; waiting for the client to re-attach");
-                match session.wait_for_reattach().await {
-                    Ok(socket) => {
-                        reader = RecordReader::default();
-                        if let Err(end) = session.resume(socket).await {
-                            return session.finish(end).await;
-                        }
-                    }
-                    Err(end) => return end,
-                }
-            }
-            end => return session.finish(end).await,
-        }
-    }
+    Ok((session, reader, early))
 }
 
 enum HandshakeEnd {
@@ -356,8 +388,9 @@ struct Session<'a> {
     inner: &'a Inner,
     info: &'a ConnectionInfo,
     socket: WebSocket,
-    rx: mpsc::Receiver<Outgoing>,
-    overflow: Arc<Notify>,
+    mailbox: Arc<Mailbox>,
+    /// Reused buffer for records taken from the mailbox.
+    batch: Vec<Utf8Bytes>,
     last_write: Instant,
     last_read: Instant,
     stateful: Option<Stateful>,
@@ -376,7 +409,7 @@ impl Session<'_> {
     async fn transport_loop(&mut self, reader: &mut RecordReader) -> End {
         let options = &self.inner.options;
         let mut shutdown = self.inner.shutdown.subscribe();
-        let overflow = self.overflow.clone();
+        let mailbox = self.mailbox.clone();
         let timer = sleep_until(self.next_deadline());
         tokio::pin!(timer);
         loop {
@@ -386,17 +419,19 @@ impl Session<'_> {
                 Ok(()) = shutdown.changed() => {
                     Err(End::Closed("the server is shutting down".into()))
                 }
-                () = overflow.notified() => Err(End::Unresponsive(format!(
-                    "The client is not reading its messages: {} records are waiting.",
-                    options.send_queue_capacity
-                ))),
-                Some(out) = self.rx.recv(), if can_send => self.write_batch(out).await,
+                event = mailbox.ready(), if can_send => match event {
+                    MailboxEvent::Ready => self.write_batch().await,
+                    MailboxEvent::Overflowed => Err(End::Unresponsive(format!(
+                        "The client is not reading its messages: {} records are waiting.",
+                        options.send_queue_capacity
+                    ))),
+                },
                 frame = self.socket.recv() => self.on_frame(frame, reader).await,
-                () = &mut timer => self.on_timer().await,
+                () = &mut timer => Box::pin(self.on_timer()).await,
                 Some(socket) = recv_reattach(&mut self.stateful) => {
                     // The client re-attached before we noticed the old transport died.
                     *reader = RecordReader::default();
-                    self.resume(socket).await
+                    Box::pin(self.resume(socket)).await
                 }
             };
             if let Err(end) = step {
@@ -429,7 +464,8 @@ impl Session<'_> {
         let whole = reader
             .complete(frame, self.inner.options.max_record_size)
             .map_err(|e| End::Closed(e.to_string()))?;
-        self.handle_records(&whole).await
+        // Boxed: keeps the per-connection future small while the connection idles.
+        Box::pin(self.handle_records(&whole)).await
     }
 
     async fn on_timer(&mut self) -> Result<(), End> {
@@ -474,7 +510,7 @@ impl Session<'_> {
         let window = self.inner.options.reconnect_window;
         let deadline = Instant::now() + window;
         let mut shutdown = self.inner.shutdown.subscribe();
-        let overflow = self.overflow.clone();
+        let mailbox = self.mailbox.clone();
         loop {
             let can_send = self.can_send();
             let Some(stateful) = self.stateful.as_mut() else {
@@ -483,17 +519,22 @@ impl Session<'_> {
             tokio::select! {
                 biased;
                 Ok(()) = shutdown.changed() => return Err(End::TransportLost(None)),
-                () = overflow.notified() => {
-                    return Err(End::Unresponsive(
-                        "The client's messages overflowed while it was reconnecting.".into(),
-                    ));
-                }
                 socket = stateful.reattach.recv() => {
                     return socket.ok_or(End::TransportLost(None));
                 }
-                Some(Outgoing::Record(text)) = self.rx.recv(), if can_send => {
-                    stateful.track(&text);
-                }
+                event = mailbox.ready(), if can_send => match event {
+                    MailboxEvent::Ready => {
+                        // Numbered and kept for the replay, like records that were sent.
+                        if let Some(text) = mailbox.pop() {
+                            stateful.track(&text);
+                        }
+                    }
+                    MailboxEvent::Overflowed => {
+                        return Err(End::Unresponsive(
+                            "The client's messages overflowed while it was reconnecting.".into(),
+                        ));
+                    }
+                },
                 () = sleep_until(deadline) => {
                     return Err(End::Unresponsive(format!(
                         "The client did not reconnect within {window:?}."
@@ -537,7 +578,12 @@ impl Session<'_> {
             .reconnect(record_of(inner, self.info))
             .await
         {
-            error!(error = %e, "could not record the re-attached connection");
+            error!(
+                connection = %self.info.id,
+                user = %self.info.user,
+                error = %e,
+                "could not record the re-attached connection"
+            );
         }
         let ctx = HubContext::new(
             inner.core.clone(),
@@ -598,25 +644,25 @@ impl Session<'_> {
         result
     }
 
-    /// Writes `first` and whatever else is queued (up to a batch), then flushes once.
-    async fn write_batch(&mut self, first: Outgoing) -> Result<(), End> {
-        let Outgoing::Record(text) = first;
-        self.write_tracked(text).await?;
-        for _ in 1..WRITE_BATCH {
-            if !self.can_send() {
-                break;
-            }
-            match self.rx.try_recv() {
-                Ok(Outgoing::Record(text)) => self.write_tracked(text).await?,
-                Err(_) => break,
+    /// Writes what is queued (up to a batch, as far as the replay buffer allows), then
+    /// flushes once.
+    async fn write_batch(&mut self) -> Result<(), End> {
+        let mut batch = std::mem::take(&mut self.batch);
+        self.mailbox.take(&mut batch, WRITE_BATCH);
+        let mut result = Ok(());
+        for text in batch.drain(..) {
+            if result.is_ok() {
+                result = self.write_tracked(text).await;
             }
         }
+        self.batch = batch;
+        result?;
         self.flush().await
     }
 
     /// Writes everything queued so far (keeps sends of a method ahead of its Completion).
     async fn drain_queue(&mut self) -> Result<(), End> {
-        while let Ok(Outgoing::Record(text)) = self.rx.try_recv() {
+        while let Some(text) = self.mailbox.pop() {
             self.write_tracked(text).await?;
         }
         Ok(())
@@ -749,11 +795,11 @@ async fn invoke(
     match AssertUnwindSafe(call).catch_unwind().await {
         Ok(Ok(result)) => Ok(result),
         Ok(Err(e)) => {
-            warn!(method = target, error = %e, "hub method failed");
+            warn!(connection = %info.id, user = %info.user, method = target, error = %e, "hub method failed");
             Err(e.client_message(target))
         }
         Err(_) => {
-            error!(method = target, "hub method panicked");
+            error!(connection = %info.id, user = %info.user, method = target, "hub method panicked");
             Err(format!(
                 "An unexpected error occurred invoking '{target}' on the server."
             ))
