@@ -20,7 +20,6 @@
 //! server shutdown, a panic in a hub method), and records re-attached connections before
 //! `on_reconnected`.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -235,7 +234,9 @@ struct Method {
 /// A hub: named methods and lifecycle hooks.
 #[derive(Default)]
 pub struct Hub {
-    methods: HashMap<String, Method>,
+    /// Hubs have a handful of methods: a short list matched case-insensitively beats hashing
+    /// a lower-cased copy of every incoming name.
+    methods: Vec<Method>,
     on_connected: Option<Box<HookFn>>,
     on_disconnected: Option<Box<HookFn>>,
     on_reconnected: Option<Box<HookFn>>,
@@ -243,7 +244,7 @@ pub struct Hub {
 
 impl fmt::Debug for Hub {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut names: Vec<&str> = self.methods.values().map(|m| m.name.as_str()).collect();
+        let mut names: Vec<&str> = self.methods.iter().map(|m| m.name.as_str()).collect();
         names.sort_unstable();
         f.debug_struct("Hub")
             .field("methods", &names)
@@ -279,13 +280,11 @@ impl Hub {
             });
             Ok(fut)
         };
-        self.methods.insert(
-            name.to_ascii_lowercase(),
-            Method {
-                name: name.to_owned(),
-                call: Box::new(call),
-            },
-        );
+        self.methods.retain(|m| !m.name.eq_ignore_ascii_case(name));
+        self.methods.push(Method {
+            name: name.to_owned(),
+            call: Box::new(call),
+        });
         self
     }
 
@@ -325,7 +324,13 @@ impl Hub {
 
     /// Whether a method of that name (case-insensitive) exists.
     pub fn has_method(&self, name: &str) -> bool {
-        self.methods.contains_key(&name.to_ascii_lowercase())
+        self.find(name).is_some()
+    }
+
+    fn find(&self, name: &str) -> Option<&Method> {
+        self.methods
+            .iter()
+            .find(|m| m.name.eq_ignore_ascii_case(name))
     }
 
     /// Starts a call: decodes the arguments and returns the method's future.
@@ -335,10 +340,7 @@ impl Hub {
         name: &str,
         arguments: &RawValue,
     ) -> Result<BoxFuture<Result<Box<RawValue>, HubError>>, InvokeError> {
-        let method = self
-            .methods
-            .get(&name.to_ascii_lowercase())
-            .ok_or(InvokeError::UnknownMethod)?;
+        let method = self.find(name).ok_or(InvokeError::UnknownMethod)?;
         (method.call)(ctx, arguments).map_err(InvokeError::Hub)
     }
 
@@ -377,4 +379,35 @@ fn decode_arguments<A: DeserializeOwned>(raw: &RawValue) -> Result<A, HubError> 
 pub(crate) enum InvokeError {
     UnknownMethod,
     Hub(HubError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_match_case_insensitively_and_a_redefinition_replaces() {
+        let hub = Hub::new()
+            .method("Ping", |_ctx: HubContext, (): ()| async {
+                Ok::<_, HubError>(1)
+            })
+            .method("PING", |_ctx: HubContext, (): ()| async {
+                Ok::<_, HubError>(2)
+            });
+        assert!(hub.has_method("ping"));
+        assert!(!hub.has_method("pong"));
+        assert_eq!(hub.methods.len(), 1);
+        assert_eq!(hub.methods[0].name, "PING");
+    }
+
+    #[test]
+    fn empty_argument_arrays_decode_into_unit() {
+        let empty = RawValue::from_string("[ ]".into()).expect("valid");
+        assert!(decode_arguments::<()>(&empty).is_ok());
+        let nested = RawValue::from_string("[[]]".into()).expect("valid");
+        assert!(decode_arguments::<()>(&nested).is_err());
+        let two = RawValue::from_string(r#"["a", 1]"#.into()).expect("valid");
+        assert!(decode_arguments::<(String, u32)>(&two).is_ok());
+        assert!(decode_arguments::<(String,)>(&two).is_err());
+    }
 }
