@@ -564,6 +564,8 @@ struct RecvResult {
 struct SendResult {
     /// Measured messages per target user.
     per_target: Vec<u32>,
+    /// Closed loop: invocation → Completion round trips, microseconds.
+    rtt_us: Vec<u32>,
     measured: u64,
     warmup: u64,
     max_lag_ns: u64,
@@ -575,6 +577,7 @@ impl SendResult {
     fn new(users: usize) -> Self {
         Self {
             per_target: vec![0; users],
+            rtt_us: Vec::new(),
             measured: 0,
             warmup: 0,
             max_lag_ns: 0,
@@ -699,13 +702,24 @@ struct Plan {
 
 struct Opened {
     conns: Vec<Option<Conn>>,
+    /// One connection's connect + upgrade + handshake, µs: (p50, p99, max). A max above 1 s
+    /// usually means a SYN was dropped (full accept queue) and retransmitted.
+    each_us: (u32, u32, u32),
+    /// CPU use while connecting, % of one core: (this process, the server).
+    cpu_pct: (Option<f64>, Option<f64>),
     failures: BTreeMap<String, u64>,
     failure_samples: Vec<String>,
     elapsed: Duration,
 }
 
-async fn open_all(cfg: &ConnectCfg, plans: Vec<Plan>, concurrency: usize) -> Opened {
+async fn open_all(
+    cfg: &ConnectCfg,
+    plans: Vec<Plan>,
+    concurrency: usize,
+    server_pid: Option<u32>,
+) -> Opened {
     let sem = Arc::new(Semaphore::new(concurrency.max(1)));
+    let cpu0 = cpu_sample(server_pid);
     let started = Instant::now();
     let mut set = JoinSet::new();
     let n = plans.len();
@@ -714,16 +728,22 @@ async fn open_all(cfg: &ConnectCfg, plans: Vec<Plan>, concurrency: usize) -> Ope
         let cfg = cfg.clone();
         set.spawn(async move {
             let _permit = sem.acquire_owned().await;
-            (i, connect(&cfg, &plan.token).await)
+            let t = Instant::now();
+            let r = connect(&cfg, &plan.token).await;
+            (i, t.elapsed(), r)
         });
     }
     let mut conns: Vec<Option<Conn>> = (0..n).map(|_| None).collect();
     let mut failures = BTreeMap::new();
     let mut failure_samples = Vec::new();
+    let mut times_us: Vec<u32> = Vec::with_capacity(n);
     while let Some(r) = set.join_next().await {
+        if let Ok((_, t, _)) = &r {
+            times_us.push(u32::try_from(t.as_micros()).unwrap_or(u32::MAX));
+        }
         match r {
-            Ok((i, Ok(c))) => conns[i] = Some(c),
-            Ok((_, Err(e))) => {
+            Ok((i, _, Ok(c))) => conns[i] = Some(c),
+            Ok((_, _, Err(e))) => {
                 *failures.entry(e.kind()).or_insert(0) += 1;
                 if failure_samples.len() < 5 {
                     failure_samples.push(e.to_string());
@@ -735,11 +755,23 @@ async fn open_all(cfg: &ConnectCfg, plans: Vec<Plan>, concurrency: usize) -> Ope
             }
         }
     }
+    let elapsed = started.elapsed();
+    let cpu1 = cpu_sample(server_pid);
+    times_us.sort_unstable();
     Opened {
         conns,
+        each_us: (
+            percentile(&times_us, 0.5),
+            percentile(&times_us, 0.99),
+            times_us.last().copied().unwrap_or(0),
+        ),
+        cpu_pct: (
+            cpu_pct(&cpu0, &cpu1, |c| c.own_us),
+            cpu_pct(&cpu0, &cpu1, |c| c.server_us),
+        ),
         failures,
         failure_samples,
-        elapsed: started.elapsed(),
+        elapsed,
     }
 }
 
@@ -927,10 +959,10 @@ async fn closed_sender(conn: Conn, idx: usize, cfg: Arc<SendCfg>, sched: Arc<Sch
     let Conn { mut ws, leftover } = conn;
     let mut res = SendResult::new(cfg.users);
     let mut rng = sender_rng(cfg.seed, idx);
-    let mut outstanding: VecDeque<u64> = VecDeque::with_capacity(cfg.window);
+    let mut outstanding: VecDeque<(u64, u64)> = VecDeque::with_capacity(cfg.window);
     let mut next_id: u64 = 0;
     if let Some(l) = leftover {
-        sender_frame(&l, &mut outstanding, &mut res.anomalies, true);
+        sender_frame(&l, &mut outstanding, &mut res, true);
     }
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -958,7 +990,7 @@ async fn closed_sender(conn: Conn, idx: usize, cfg: Arc<SendCfg>, sched: Arc<Sch
                 } else {
                     res.warmup += 1;
                 }
-                outstanding.push_back(next_id);
+                outstanding.push_back((next_id, t));
                 next_id += 1;
                 fed = true;
             }
@@ -975,11 +1007,11 @@ async fn closed_sender(conn: Conn, idx: usize, cfg: Arc<SendCfg>, sched: Arc<Sch
         tokio::select! {
             m = ws.next() => match m {
                 Some(Ok(Message::Text(t))) => {
-                    sender_frame(t.as_bytes(), &mut outstanding, &mut res.anomalies, true);
+                    sender_frame(t.as_bytes(), &mut outstanding, &mut res, true);
                 }
                 Some(Ok(Message::Binary(b))) => {
                     res.anomalies.binary_frames += 1;
-                    sender_frame(&b, &mut outstanding, &mut res.anomalies, true);
+                    sender_frame(&b, &mut outstanding, &mut res, true);
                 }
                 Some(Ok(Message::Close(c))) => {
                     res.anomalies.unexpected_closes += 1;
@@ -1026,12 +1058,15 @@ async fn closed_sender(conn: Conn, idx: usize, cfg: Arc<SendCfg>, sched: Arc<Sch
 }
 
 /// Handles what a sender receives: Completions (expected only with ids), Pings, errors.
+/// `outstanding` holds the ids in flight with their send times.
 fn sender_frame(
     frame: &[u8],
-    outstanding: &mut VecDeque<u64>,
-    an: &mut Anomalies,
+    outstanding: &mut VecDeque<(u64, u64)>,
+    res: &mut SendResult,
     expect_completions: bool,
 ) {
+    let now = now_ns();
+    let an = &mut res.anomalies;
     let (recs, whole) = records(frame);
     if !whole {
         an.partial_frames += 1;
@@ -1048,15 +1083,18 @@ fn sender_frame(
                     ));
                 }
                 let pos = id.and_then(|id| {
-                    if outstanding.front() == Some(&id) {
+                    if outstanding.front().is_some_and(|o| o.0 == id) {
                         Some(0)
                     } else {
-                        outstanding.iter().position(|&o| o == id)
+                        outstanding.iter().position(|o| o.0 == id)
                     }
                 });
                 match pos {
                     Some(p) if expect_completions => {
-                        outstanding.remove(p);
+                        if let Some((_, sent)) = outstanding.remove(p) {
+                            let us = now.saturating_sub(sent) / 1000;
+                            res.rtt_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+                        }
                     }
                     _ => {
                         an.stray_completions += 1;
@@ -1097,34 +1135,34 @@ async fn sender_reader(
     mut stream: Stream,
     mut stop: watch::Receiver<bool>,
 ) -> (usize, Option<Stream>, Anomalies) {
-    let mut an = Anomalies::default();
+    let mut res = SendResult::new(0);
     let mut none = VecDeque::new();
     let stopped = stop.changed();
     tokio::pin!(stopped);
     loop {
         tokio::select! {
-            _ = &mut stopped => return (idx, Some(stream), an),
+            _ = &mut stopped => return (idx, Some(stream), res.anomalies),
             m = stream.next() => match m {
-                Some(Ok(Message::Text(t))) => sender_frame(t.as_bytes(), &mut none, &mut an, false),
+                Some(Ok(Message::Text(t))) => sender_frame(t.as_bytes(), &mut none, &mut res, false),
                 Some(Ok(Message::Binary(b))) => {
-                    an.binary_frames += 1;
-                    sender_frame(&b, &mut none, &mut an, false);
+                    res.anomalies.binary_frames += 1;
+                    sender_frame(&b, &mut none, &mut res, false);
                 }
                 Some(Ok(Message::Close(c))) => {
-                    an.unexpected_closes += 1;
-                    an.note(format!("server closed a sender: {c:?}"));
-                    return (idx, None, an);
+                    res.anomalies.unexpected_closes += 1;
+                    res.anomalies.note(format!("server closed a sender: {c:?}"));
+                    return (idx, None, res.anomalies);
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
-                    an.unexpected_closes += 1;
-                    an.note(format!("sender read error: {e}"));
-                    return (idx, None, an);
+                    res.anomalies.unexpected_closes += 1;
+                    res.anomalies.note(format!("sender read error: {e}"));
+                    return (idx, None, res.anomalies);
                 }
                 None => {
-                    an.unexpected_closes += 1;
-                    an.note("sender connection ended");
-                    return (idx, None, an);
+                    res.anomalies.unexpected_closes += 1;
+                    res.anomalies.note("sender connection ended");
+                    return (idx, None, res.anomalies);
                 }
             },
         }
@@ -1283,11 +1321,41 @@ fn cpu_us(pid: &str) -> Option<u64> {
     Some((utime + stime) * 10_000)
 }
 
+/// Busy CPU time of the whole machine (all cores), in microseconds (USER_HZ = 100).
+fn machine_busy_us() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
+    let busy = v
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, x)| x)
+        .sum::<u64>();
+    Some(busy * 10_000)
+}
+
 #[derive(Clone, Copy)]
 struct CpuSample {
     at: Instant,
     server_us: Option<u64>,
     own_us: Option<u64>,
+    machine_us: Option<u64>,
+}
+
+/// CPU use between two samples, in % of one core.
+fn cpu_pct(a: &CpuSample, b: &CpuSample, f: impl Fn(&CpuSample) -> Option<u64>) -> Option<f64> {
+    let secs = b.at.duration_since(a.at).as_secs_f64();
+    match (f(a), f(b)) {
+        (Some(x), Some(y)) if secs > 0.0 => Some(y.saturating_sub(x) as f64 / 1e6 / secs * 100.0),
+        _ => None,
+    }
 }
 
 fn cpu_sample(server: Option<u32>) -> CpuSample {
@@ -1295,6 +1363,7 @@ fn cpu_sample(server: Option<u32>) -> CpuSample {
         at: Instant::now(),
         server_us: server.and_then(|p| cpu_us(&p.to_string())),
         own_us: cpu_us("self"),
+        machine_us: machine_busy_us(),
     }
 }
 
@@ -1378,6 +1447,9 @@ fn connect_json(o: &Opened, attempted: usize) -> Value {
         "failure_samples": o.failure_samples,
         "seconds": o.elapsed.as_secs_f64(),
         "per_second": if o.elapsed.as_secs_f64() > 0.0 { ok as f64 / o.elapsed.as_secs_f64() } else { 0.0 },
+        "each_us": { "p50": o.each_us.0, "p99": o.each_us.1, "max": o.each_us.2 },
+        "loadgen_cpu_pct": o.cpu_pct.0,
+        "server_cpu_pct": o.cpu_pct.1,
     })
 }
 
@@ -1427,10 +1499,24 @@ fn print_anomalies(a: &Anomalies) {
 fn print_connect(label: &str, o: &Opened, attempted: usize) {
     let ok = o.conns.iter().filter(|c| c.is_some()).count();
     let secs = o.elapsed.as_secs_f64();
+    let cpu = |p: Option<f64>| p.map(|p| format!("{p:.0} %")).unwrap_or_else(|| "?".into());
     println!(
-        "{label:<19}{ok}/{attempted} in {:.3} s ({:.0}/s)",
+        "{label:<19}{ok}/{attempted} in {:.3} s ({:.0}/s; CPU loadgen {}, server {})",
         secs,
-        if secs > 0.0 { ok as f64 / secs } else { 0.0 }
+        if secs > 0.0 { ok as f64 / secs } else { 0.0 },
+        cpu(o.cpu_pct.0),
+        cpu(o.cpu_pct.1),
+    );
+    println!(
+        "  each connection  p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms{}",
+        f64::from(o.each_us.0) / 1e3,
+        f64::from(o.each_us.1) / 1e3,
+        f64::from(o.each_us.2) / 1e3,
+        if o.each_us.2 >= 1_000_000 {
+            " (≥ 1 s: a SYN retransmit? check the server's listen backlog)"
+        } else {
+            ""
+        }
     );
     for (k, n) in &o.failures {
         println!("  failed: {k} × {n}");
@@ -1464,7 +1550,7 @@ async fn run_idle(args: &Args, n: usize) -> anyhow::Result<Outcome> {
         .collect();
     let pid = args.server_pid;
     let rss_before = pid.and_then(rss_bytes);
-    let opened = open_all(&connect_cfg(args), plans, args.connect_concurrency).await;
+    let opened = open_all(&connect_cfg(args), plans, args.connect_concurrency, pid).await;
     let rss_connected = pid.and_then(rss_bytes);
     let connect = connect_json(&opened, n);
     let failed = n - opened.conns.iter().filter(|c| c.is_some()).count();
@@ -1585,8 +1671,8 @@ async fn run_traffic(args: &Args) -> anyhow::Result<Outcome> {
     let pid = args.server_pid;
     let ccfg = connect_cfg(args);
     let rss_before = pid.and_then(rss_bytes);
-    let recv_open = open_all(&ccfg, recv_plans, args.connect_concurrency).await;
-    let send_open = open_all(&ccfg, send_plans, args.connect_concurrency).await;
+    let recv_open = open_all(&ccfg, recv_plans, args.connect_concurrency, pid).await;
+    let send_open = open_all(&ccfg, send_plans, args.connect_concurrency, pid).await;
     let rss_connected = pid.and_then(rss_bytes);
     print_connect("connect receivers", &recv_open, users * per_user);
     print_connect("connect senders", &send_open, nsend);
@@ -1650,7 +1736,9 @@ async fn run_traffic(args: &Args) -> anyhow::Result<Outcome> {
                     continue;
                 };
                 if let Some(l) = leftover {
-                    sender_frame(&l, &mut VecDeque::new(), &mut early, false);
+                    let mut r = SendResult::new(0);
+                    sender_frame(&l, &mut VecDeque::new(), &mut r, false);
+                    early.merge(r.anomalies);
                 }
                 let (sink, stream) = ws.split();
                 readers.spawn(sender_reader(i, stream, stop_rx.clone()));
@@ -1716,6 +1804,7 @@ async fn run_traffic(args: &Args) -> anyhow::Result<Outcome> {
         sent.warmup += r.warmup;
         sent.max_lag_ns = sent.max_lag_ns.max(r.max_lag_ns);
         sent.late_1ms += r.late_1ms;
+        sent.rtt_us.extend_from_slice(&r.rtt_us);
         anomalies.merge(r.anomalies);
     };
     while let Some(r) = closed.join_next().await {
@@ -1793,6 +1882,13 @@ async fn run_traffic(args: &Args) -> anyhow::Result<Outcome> {
     while closers.join_next().await.is_some() {}
     let rss_end = pid.and_then(rss_bytes);
     latencies.sort_unstable();
+    sent.rtt_us.sort_unstable();
+    let rtt = &sent.rtt_us;
+    let (rtt50, rtt99, rttmax) = (
+        percentile(rtt, 0.5),
+        percentile(rtt, 0.99),
+        rtt.last().copied().unwrap_or(0),
+    );
 
     // Report.
     let window_s = (window_end_ns - measure_ns) as f64 / 1e9;
@@ -1826,6 +1922,9 @@ async fn run_traffic(args: &Args) -> anyhow::Result<Outcome> {
     };
     let server_cpu_pct = pct(cpu0.server_us, cpu1.server_us);
     let own_cpu_pct = pct(cpu0.own_us, cpu1.own_us);
+    // Everything else that ran on the machine meanwhile (noise), in % of one core.
+    let other_cpu_pct = pct(cpu0.machine_us, cpu1.machine_us)
+        .map(|m| (m - own_cpu_pct.unwrap_or(0.0) - server_cpu_pct.unwrap_or(0.0)).max(0.0));
     let deliveries_in_cpu_window = delivered * cpu_secs;
     let server_us_per_delivery = match (cpu0.server_us, cpu1.server_us) {
         (Some(a), Some(b)) if deliveries_in_cpu_window > 0.0 => {
@@ -1888,6 +1987,12 @@ async fn run_traffic(args: &Args) -> anyhow::Result<Outcome> {
         "latency µs         p50 {p50}  p90 {p90}  p99 {p99}  p99.9 {p999}  max {max}  mean {mean_us:.0}  (n={})",
         latencies.len()
     );
+    if args.rate.is_none() {
+        println!(
+            "completion RTT µs  p50 {rtt50}  p99 {rtt99}  max {rttmax}  (invocation → Completion, n={})",
+            rtt.len()
+        );
+    }
     if args.rate.is_some() {
         println!(
             "schedule lag       max {:.3} ms, {} sends > 1 ms late",
@@ -1905,6 +2010,9 @@ async fn run_traffic(args: &Args) -> anyhow::Result<Outcome> {
                 .map(|u| format!(", {u:.2} µs per delivery"))
                 .unwrap_or_default()
         );
+    }
+    if let Some(p) = other_cpu_pct {
+        println!("other CPU          {p:.0} % of a core (other processes on the machine)");
     }
     if let (Some(b), Some(a)) = (rss_before, rss_connected) {
         println!(
@@ -1946,11 +2054,15 @@ async fn run_traffic(args: &Args) -> anyhow::Result<Outcome> {
                 "p50": p50, "p90": p90, "p99": p99, "p999": p999, "max": max,
                 "mean": mean_us, "samples": latencies.len(),
             },
+            "completion_rtt_us": if args.rate.is_none() {
+                Some(json!({ "p50": rtt50, "p99": rtt99, "max": rttmax, "samples": rtt.len() }))
+            } else { None },
             "schedule_max_lag_us": args.rate.map(|_| sent.max_lag_ns / 1000),
             "schedule_late_1ms": args.rate.map(|_| sent.late_1ms),
             "loadgen_cpu_pct": own_cpu_pct,
             "server_cpu_pct": server_cpu_pct,
             "server_cpu_us_per_delivery": server_us_per_delivery,
+            "other_cpu_pct": other_cpu_pct,
             "server_rss_bytes": { "before": rss_before, "connected": rss_connected, "end": rss_end },
             "server_bytes_per_connection": rss_per_conn,
             "errors": anomalies_json(&anomalies),
@@ -2146,25 +2258,26 @@ mod tests {
 
     #[test]
     fn completions_match_outstanding() {
-        let mut out: VecDeque<u64> = [1, 2, 3].into_iter().collect();
-        let mut an = Anomalies::default();
+        let mut out: VecDeque<(u64, u64)> = [(1, 0), (2, 0), (3, 0)].into_iter().collect();
+        let mut res = SendResult::new(1);
         sender_frame(
             b"{\"type\":3,\"invocationId\":\"2\",\"result\":null}\x1e{\"type\":3,\"invocationId\":\"1\"}\x1e{\"type\":3,\"invocationId\":\"9\"}\x1e",
             &mut out,
-            &mut an,
+            &mut res,
             true,
         );
-        assert_eq!(out.iter().copied().collect::<Vec<_>>(), vec![3]);
-        assert_eq!(an.stray_completions, 1);
+        assert_eq!(out.iter().map(|o| o.0).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(res.anomalies.stray_completions, 1);
+        assert_eq!(res.rtt_us.len(), 2);
         let mut none = VecDeque::new();
-        let mut an = Anomalies::default();
+        let mut res = SendResult::new(1);
         sender_frame(
             b"{\"type\":3,\"invocationId\":\"0\"}\x1e",
             &mut none,
-            &mut an,
+            &mut res,
             false,
         );
-        assert_eq!(an.stray_completions, 1);
+        assert_eq!(res.anomalies.stray_completions, 1);
     }
 
     #[test]
