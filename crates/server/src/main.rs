@@ -166,9 +166,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             vendor_dir: Some(args.vendor_dir.clone()),
         },
     );
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
+    let listener = listen(args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let address = listener.local_addr().context("reading the bound address")?;
     tracing::info!(
         store = %args.store,
@@ -181,6 +179,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("serving")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds with a deep accept queue: bursts of thousands of connects (a deploy, a reconnect
+/// storm) must not overflow the kernel's default of 128 and wait a SYN retransmit.
+fn listen(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(4096)
 }
 
 async fn shutdown_signal() {
