@@ -671,9 +671,6 @@ impl Session<'_> {
     async fn handle_records(&mut self, whole: &Bytes) -> Result<(), End> {
         let max = self.inner.options.max_record_size;
         for record in protocol::records(whole) {
-            // One busy connection must not starve the others on this worker: records it sends
-            // in bulk are processed within the task's scheduling budget.
-            tokio::task::consume_budget().await;
             protocol::check_size(record, max).map_err(|e| End::Closed(e.to_string()))?;
             let message =
                 protocol::parse_message(record).map_err(|e| End::Closed(e.to_string()))?;
