@@ -118,22 +118,7 @@ impl ConnectionStore for GlobalMutexStore {
     }
 
     async fn users(&self, page: PageRequest) -> Result<UserPage, StoreError> {
-        let limit = page.effective_limit();
-        let mut users: Vec<UserId> = self
-            .state()
-            .users
-            .keys()
-            .filter(|u| page.after.as_ref().is_none_or(|after| *u > after))
-            .cloned()
-            .collect();
-        let more = users.len() > limit;
-        if more {
-            users.select_nth_unstable(limit);
-            users.truncate(limit);
-        }
-        users.sort_unstable();
-        let next = if more { users.last().cloned() } else { None };
-        Ok(UserPage { users, next })
+        Ok(page.select(self.state().users.keys().cloned()))
     }
 
     async fn counts(&self) -> Result<Counts, StoreError> {

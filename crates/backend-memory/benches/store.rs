@@ -25,15 +25,13 @@
 
 mod baseline;
 
-use std::future::Future;
 use std::hint::black_box;
-use std::pin::pin;
 use std::sync::{Arc, Barrier};
-use std::task::{Context, Poll, Waker};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use switchboard_core::testkit::ready;
 use switchboard_core::{ConnectionId, ConnectionRecord, ConnectionStore, NodeId, Removal, UserId};
 use switchboard_memory::MemoryStore;
 
@@ -47,18 +45,6 @@ const CONNECTIONS_PER_USER: usize = 2;
 const THREADS: [usize; 2] = [1, 2];
 /// Pre-built records per thread, used in a cycle.
 const POOL_SIZE: usize = 1 << 16;
-
-/// Polls `future` once; every operation of both stores completes without waiting.
-fn ready<T>(future: impl Future<Output = T>) -> T {
-    let mut future = pin!(future);
-    match future
-        .as_mut()
-        .poll(&mut Context::from_waker(Waker::noop()))
-    {
-        Poll::Ready(output) => output,
-        Poll::Pending => panic!("an in-memory store operation waited; it never should"),
-    }
-}
 
 /// A small deterministic generator (SplitMix64), so every run picks the same "random" users.
 struct SplitMix64(u64);

@@ -152,22 +152,7 @@ impl ConnectionStore for MemoryStore {
     }
 
     async fn users(&self, page: PageRequest) -> Result<UserPage, StoreError> {
-        let limit = page.effective_limit();
-        let mut users: Vec<UserId> = self
-            .users
-            .iter()
-            .filter(|e| page.after.as_ref().is_none_or(|after| e.key() > after))
-            .map(|e| e.key().clone())
-            .collect();
-        let more = users.len() > limit;
-        if more {
-            // The `limit` smallest ids, without sorting the whole scan.
-            users.select_nth_unstable(limit);
-            users.truncate(limit);
-        }
-        users.sort_unstable();
-        let next = if more { users.last().cloned() } else { None };
-        Ok(UserPage { users, next })
+        Ok(page.select(self.users.iter().map(|e| e.key().clone())))
     }
 
     async fn counts(&self) -> Result<Counts, StoreError> {

@@ -22,15 +22,12 @@
 //! detection.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
-use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, Waker};
 use std::thread;
 
 use dashmap::DashMap;
-use switchboard_core::testkit::{conn, node, t0, user};
+use switchboard_core::testkit::{conn, node, ready, t0, user};
 use switchboard_core::{ConnectionId, ConnectionRecord, ConnectionStore, Counts, UserId};
 use switchboard_memory::MemoryStore;
 
@@ -114,19 +111,6 @@ fn concurrently(op: impl FnOnce(), during: &(dyn Fn() + Sync)) {
 // ---------------------------------------------------------------------------------------------
 // MemoryStore, driven without a runtime
 // ---------------------------------------------------------------------------------------------
-
-/// Polls `future` once and returns its output. Every `MemoryStore` operation completes without
-/// waiting, so this needs no runtime and can be called from plain threads.
-fn ready<T>(future: impl Future<Output = T>) -> T {
-    let mut future = pin!(future);
-    match future
-        .as_mut()
-        .poll(&mut Context::from_waker(Waker::noop()))
-    {
-        Poll::Ready(output) => output,
-        Poll::Pending => panic!("a MemoryStore operation waited; it never should"),
-    }
-}
 
 impl Probe for MemoryStore {
     fn connect(&self, user: &UserId, id: &ConnectionId) {

@@ -41,6 +41,26 @@ impl PageRequest {
     pub fn effective_limit(&self) -> usize {
         self.limit.max(1)
     }
+
+    /// The page this request asks for, picked from `users` (distinct, in any order): the
+    /// smallest ids after the cursor, sorted, with the cursor of the next page. For stores
+    /// that scan an unordered map; the work is linear in the scan, not `n log n`.
+    pub fn select(&self, users: impl IntoIterator<Item = UserId>) -> UserPage {
+        let limit = self.effective_limit();
+        let mut users: Vec<UserId> = users
+            .into_iter()
+            .filter(|u| self.after.as_ref().is_none_or(|after| u > after))
+            .collect();
+        let more = users.len() > limit;
+        if more {
+            // The `limit` smallest ids, without sorting the whole scan.
+            users.select_nth_unstable(limit);
+            users.truncate(limit);
+        }
+        users.sort_unstable();
+        let next = if more { users.last().cloned() } else { None };
+        UserPage { users, next }
+    }
 }
 
 impl Default for PageRequest {
@@ -186,5 +206,42 @@ pub trait ConnectionStore: Send + Sync + fmt::Debug + 'static {
             self.capabilities().strategy,
             "sweeping expired nodes",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(names: &[&str]) -> Vec<UserId> {
+        names
+            .iter()
+            .map(|n| UserId::new(n).expect("valid"))
+            .collect()
+    }
+
+    #[test]
+    fn select_picks_the_next_page_in_byte_order() {
+        let all = ids(&["d", "B", "a", "c", "e"]);
+        let first = PageRequest::first(2).select(all.clone());
+        assert_eq!(first.users, ids(&["B", "a"]));
+        assert_eq!(first.next, Some(ids(&["a"])[0].clone()));
+        let second = PageRequest {
+            after: first.next,
+            limit: 2,
+        }
+        .select(all.clone());
+        assert_eq!(second.users, ids(&["c", "d"]));
+        let last = PageRequest {
+            after: second.next,
+            limit: 2,
+        }
+        .select(all);
+        assert_eq!(last.users, ids(&["e"]));
+        assert_eq!(last.next, None);
+        assert_eq!(
+            PageRequest::first(0).select(ids(&["x", "y"])).users.len(),
+            1
+        );
     }
 }

@@ -43,6 +43,23 @@ pub trait Harness: Send + Sync {
     }
 }
 
+/// Polls `future` once and returns its output, for stores whose operations never wait (in
+/// memory): no runtime is needed, so plain threads and benchmarks can call them.
+///
+/// # Panics
+///
+/// When the future is not ready at once.
+pub fn ready<T>(future: impl std::future::Future<Output = T>) -> T {
+    let mut future = std::pin::pin!(future);
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut context) {
+        std::task::Poll::Ready(output) => output,
+        std::task::Poll::Pending => {
+            panic!("a store operation waited; an in-memory one never should")
+        }
+    }
+}
+
 /// A namespace no other call in this or any concurrently running test process returns.
 pub fn unique_namespace() -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
