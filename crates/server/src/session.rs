@@ -224,16 +224,10 @@ async fn open<'a>(
             None
         }
     };
-    if let Err(e) = socket
-        .send(Message::Text(Utf8Bytes::from_static(
-            protocol::HANDSHAKE_OK,
-        )))
-        .await
-    {
-        return Err(End::TransportLost(Some(e)));
-    }
-
-    // Register locally first, so deliveries that find the new record also find the socket.
+    // Register locally, then in the store, then answer the handshake: once a client's start()
+    // resolves, messages to its user reach it. Anything sent to it meanwhile waits in its
+    // mailbox and follows the handshake answer. Register locally first, so deliveries that
+    // find the new record also find the socket.
     let core = &inner.core;
     let mailbox = core
         .registry
@@ -241,6 +235,11 @@ async fn open<'a>(
     if let Err(e) = core.store.add(record_of(inner, info)).await {
         error!(connection = %info.id, user = %info.user, error = %e, "could not record the connection");
         let reason = "The connection store is unavailable; try again later.";
+        let _ = socket
+            .send(Message::Text(Utf8Bytes::from_static(
+                protocol::HANDSHAKE_OK,
+            )))
+            .await;
         let _ = socket
             .send(Message::Text(protocol::close(Some(reason), true).into()))
             .await;
@@ -254,6 +253,14 @@ async fn open<'a>(
     let ctx = HubContext::new(core.clone(), info.user.clone(), info.id.clone());
     if let Some(hook) = inner.hub.connected_hook(ctx) {
         hook.await;
+    }
+    if let Err(e) = socket
+        .send(Message::Text(Utf8Bytes::from_static(
+            protocol::HANDSHAKE_OK,
+        )))
+        .await
+    {
+        return Err(End::TransportLost(Some(e)));
     }
 
     let now = Instant::now();

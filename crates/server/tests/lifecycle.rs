@@ -207,11 +207,13 @@ async fn on_disconnected_runs_on_every_exit_path() {
     assert_eq!(server.store.counts().await.expect("counts").connections, 0);
 }
 
-/// A memory store that can be switched off, like a database that went away.
+/// A memory store that can be switched off, like a database that went away, or made slow to
+/// record connections, like one across a network.
 #[derive(Debug, Default)]
 struct FlakyStore {
     inner: MemoryStore,
     down: AtomicBool,
+    slow_adds: AtomicBool,
 }
 
 impl FlakyStore {
@@ -233,6 +235,9 @@ impl ConnectionStore for FlakyStore {
     }
     async fn add(&self, record: ConnectionRecord) -> Result<(), StoreError> {
         self.check()?;
+        if self.slow_adds.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         self.inner.add(record).await
     }
     async fn remove(&self, user: &UserId, id: &ConnectionId) -> Result<Removal, StoreError> {
@@ -393,4 +398,43 @@ async fn the_application_can_send_from_outside_a_hub_method() {
             .is_err(),
         "arguments must be an array"
     );
+}
+
+#[tokio::test]
+async fn a_connection_is_reachable_as_soon_as_its_handshake_is_answered() {
+    let store = Arc::new(FlakyStore::default());
+    let server = TestServer::start_with(
+        switchboard::chat::hub(),
+        store.clone(),
+        HubOptions::default(),
+    )
+    .await;
+    let mut alice = server.connect("alice").await;
+    // Recording a connection now takes a while, as with a store across a network.
+    store.slow_adds.store(true, Ordering::SeqCst);
+    let bob_id = UserId::new("bob").expect("user");
+    for round in 0..5 {
+        let mut bob = server.connect("bob").await;
+        // No waiting: the handshake answer promises the connection is recorded.
+        assert_eq!(
+            server
+                .store
+                .connections(&bob_id)
+                .await
+                .expect("lookup")
+                .len(),
+            1,
+            "round {round}"
+        );
+        let text = format!("hi {round}");
+        alice
+            .invoke(&round.to_string(), "SendChatMessage", json!(["bob", text]))
+            .await;
+        assert_eq!(
+            bob.next_message().await.expect("message"),
+            chat(&format!("alice: {text}"))
+        );
+        drop(bob);
+        server.wait_for_connections(1).await;
+    }
 }
