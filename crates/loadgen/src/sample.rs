@@ -13,7 +13,22 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// User + system CPU time of `pid` (all threads), in microseconds (USER_HZ = 100).
+/// Clock ticks per second (`USER_HZ`), the unit of the CPU times in `/proc`.
+fn clock_ticks_per_second() -> Option<u64> {
+    #[cfg(unix)]
+    let ticks = rustix::param::clock_ticks_per_second();
+    #[cfg(not(unix))]
+    let ticks = 0;
+    (ticks > 0).then_some(ticks)
+}
+
+/// CPU time in clock ticks to microseconds.
+fn ticks_to_us(ticks: u64) -> Option<u64> {
+    let per_second = clock_ticks_per_second()?;
+    u64::try_from(u128::from(ticks) * 1_000_000 / u128::from(per_second)).ok()
+}
+
+/// User + system CPU time of `pid` (all threads), in microseconds.
 fn cpu_us(pid: &str) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 2..];
@@ -21,10 +36,10 @@ fn cpu_us(pid: &str) -> Option<u64> {
     // After the command name: state is field 3; utime and stime are fields 14 and 15.
     let utime: u64 = f.nth(11)?.parse().ok()?;
     let stime: u64 = f.next()?.parse().ok()?;
-    Some((utime + stime) * 10_000)
+    ticks_to_us(utime + stime)
 }
 
-/// Busy CPU time of the whole machine (all cores), in microseconds (USER_HZ = 100).
+/// Busy CPU time of the whole machine (all cores), in microseconds.
 fn machine_busy_us() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
@@ -41,7 +56,7 @@ fn machine_busy_us() -> Option<u64> {
         .filter(|(i, _)| *i != 3 && *i != 4)
         .map(|(_, x)| x)
         .sum::<u64>();
-    Some(busy * 10_000)
+    ticks_to_us(busy)
 }
 
 /// CPU times at one instant, microseconds (`None` where they could not be read).
@@ -113,5 +128,12 @@ mod tests {
         assert!(cpu_us("self").is_some());
         assert!(rss_bytes(std::process::id()).is_some_and(|b| b > 0));
         assert!(nofile_limits().is_some());
+    }
+
+    #[test]
+    fn cpu_times_use_the_clock_tick_rate() {
+        let per_second = clock_ticks_per_second().expect("clock ticks per second");
+        assert_eq!(ticks_to_us(per_second), Some(1_000_000));
+        assert_eq!(ticks_to_us(0), Some(0));
     }
 }

@@ -2,8 +2,11 @@
 //! (`SendChatMessage` invocations carrying a measurement header) and the classification of
 //! the records it receives.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
+use memchr::memchr2;
+use memchr::memmem::Finder;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -130,27 +133,35 @@ pub(crate) enum Record {
     Other(String),
 }
 
-/// Position of the first `needle` in `hay` (`None` for an empty needle).
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || hay.len() < needle.len() {
-        return None;
-    }
-    let first = needle[0];
-    let last_start = hay.len() - needle.len();
-    let mut i = 0;
-    while i <= last_start {
-        match hay[i..=last_start].iter().position(|&b| b == first) {
-            None => return None,
-            Some(p) => {
-                i += p;
-                if &hay[i..i + needle.len()] == needle {
-                    return Some(i);
-                }
-                i += 1;
-            }
-        }
-    }
-    None
+/// The byte strings the fast paths look for, each with its searcher built once.
+struct Needles {
+    /// `"addChatMessage"`
+    chat: Finder<'static>,
+    /// `"arguments":["`, just before the first argument's text.
+    arguments: Finder<'static>,
+    /// `: ` between the sender's name and the payload in a delivered message.
+    sender_end: Finder<'static>,
+    /// `"type":3`
+    completion: Finder<'static>,
+    /// `"invocationId":"`, just before the id.
+    invocation_id: Finder<'static>,
+    /// `"error":`
+    error: Finder<'static>,
+}
+
+/// The searchers of [`Needles`], built on first use.
+static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
+    chat: Finder::new(b"\"addChatMessage\""),
+    arguments: Finder::new(b"\"arguments\":[\""),
+    sender_end: Finder::new(b": "),
+    completion: Finder::new(b"\"type\":3"),
+    invocation_id: Finder::new(b"\"invocationId\":\""),
+    error: Finder::new(b"\"error\":"),
+});
+
+/// Position just past the first `needle` in `hay`.
+fn find_end(needle: &Finder<'_>, hay: &[u8]) -> Option<usize> {
+    Some(needle.find(hay)? + needle.needle().len())
 }
 
 /// Parses `<digits><term>` at the start of `b`; returns the value and the rest after `term`.
@@ -190,26 +201,23 @@ fn parse_embedded(p: &[u8]) -> Option<Embedded> {
 /// Fast path for `{"type":1,"target":"addChatMessage","arguments":["<sender>: <payload>"]}`
 /// in any property order: no JSON parse, just find the argument string.
 fn fast_chat(rec: &[u8]) -> Option<Embedded> {
-    const ARGS: &[u8] = b"\"arguments\":[\"";
-    find(rec, b"\"addChatMessage\"")?;
-    let at = find(rec, ARGS)? + ARGS.len();
-    let arg = &rec[at..];
-    let end = arg.iter().position(|&b| b == b'"' || b == b'\\')?;
+    let n = &*NEEDLES;
+    n.chat.find(rec)?;
+    let arg = &rec[find_end(&n.arguments, rec)?..];
+    let end = memchr2(b'"', b'\\', arg)?;
     if arg[end] != b'"' {
         return None; // escapes: leave it to the slow path
     }
     let arg = &arg[..end];
-    let colon = find(arg, b": ")?;
-    parse_embedded(&arg[colon + 2..])
+    parse_embedded(&arg[find_end(&n.sender_end, arg)?..])
 }
 
 /// Fast path for `{"type":3,"invocationId":"<n>","result":null}` (any property order).
 fn fast_completion(rec: &[u8]) -> Option<Record> {
-    const ID: &[u8] = b"\"invocationId\":\"";
-    find(rec, b"\"type\":3")?;
-    let at = find(rec, ID)? + ID.len();
-    let (id, _) = parse_num(&rec[at..], b'"')?;
-    let error = find(rec, b"\"error\":").is_some();
+    let n = &*NEEDLES;
+    n.completion.find(rec)?;
+    let (id, _) = parse_num(&rec[find_end(&n.invocation_id, rec)?..], b'"')?;
+    let error = n.error.find(rec).is_some();
     Some(Record::Completion {
         id: Some(id),
         error,
@@ -417,11 +425,22 @@ mod tests {
     }
 
     #[test]
-    fn find_works() {
-        assert_eq!(find(b"hello world", b"world"), Some(6));
-        assert_eq!(find(b"aab", b"ab"), Some(1));
-        assert_eq!(find(b"ab", b"abc"), None);
-        assert_eq!(find(b"", b"a"), None);
-        assert_eq!(find(b"abc", b"c"), Some(2));
+    fn fast_paths_find_their_fields() {
+        let n = &*NEEDLES;
+        assert_eq!(find_end(&n.sender_end, b"bob: m1."), Some(5));
+        assert_eq!(find_end(&n.sender_end, b"bob m1."), None);
+        assert_eq!(find_end(&n.error, b"{\"error\":\"x\"}"), Some(9));
+        // An escape in the argument leaves the record to the JSON parser.
+        let escaped = br#"{"type":1,"target":"addChatMessage","arguments":["a\"b: m1.2.3."]}"#;
+        assert_eq!(fast_chat(escaped), None);
+        assert_eq!(
+            classify(escaped),
+            Record::Chat(Embedded {
+                measured: true,
+                target: 1,
+                seq: 2,
+                intended_ns: 3
+            })
+        );
     }
 }
