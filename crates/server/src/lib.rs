@@ -28,7 +28,14 @@
 //! );
 //! let app = axum::Router::new().nest(chat::PATH, hub.router());
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:5000").await?;
-//! axum::serve(listener, app).await?;
+//! // Not `axum::serve`: it has no header-read timeout and no connection caps, so idle or
+//! // half-sent connections would pile up until the process runs out of file descriptors.
+//! let limits = switchboard::http::HttpLimits::default();
+//! switchboard::http::serve(listener, app, limits, async move {
+//!     let _ = tokio::signal::ctrl_c().await;
+//!     hub.shutdown().await;
+//! })
+//! .await?;
 //! # Ok(()) }
 //! ```
 //!
@@ -42,6 +49,7 @@
 //! | [`auth`] | JWT (HS256) bearer authentication |
 //! | [`chat`] | the chat hub |
 //! | [`app`] | the full application the `switchboard` binary serves |
+//! | [`http`] | the HTTP server: timeouts and connection caps against slow or flooding clients |
 //! | [`config`] | [`HubOptions`] |
 //! | [`stores`] | the stores compiled into this build, by `--store` name |
 
@@ -50,6 +58,7 @@ pub mod auth;
 pub mod chat;
 pub mod config;
 mod delivery;
+pub mod http;
 pub mod hub;
 pub mod protocol;
 mod registry;
