@@ -1,5 +1,5 @@
 //! The complete Switchboard application: the chat hub, the chat page, health and development
-//! tokens, served with graceful shutdown.
+//! tokens, served with graceful shutdown behind the limits of [`http`](crate::http).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -10,11 +10,11 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::auth::Authenticator;
+use crate::http::{self, HttpLimits};
 use crate::service::{HubService, dev_token};
 
 /// Options of the application around the hub.
@@ -58,8 +58,9 @@ pub fn router(chat: &HubService, auth: &Authenticator, options: &AppOptions) -> 
     router
 }
 
-/// Serves `router` on `listener` (with `TCP_NODELAY`) until `shutdown` completes, then closes
-/// every hub connection through [`HubService::shutdown`].
+/// Serves `router` on `listener` with the default [`HttpLimits`] until `shutdown` completes,
+/// then closes every hub connection through [`HubService::shutdown`]. See
+/// [`serve_with_limits`].
 ///
 /// # Errors
 ///
@@ -70,27 +71,33 @@ pub async fn serve(
     hubs: Vec<HubService>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
-    let hubs_for_shutdown = hubs.clone();
+    serve_with_limits(listener, router, hubs, HttpLimits::default(), shutdown).await
+}
+
+/// Serves `router` on `listener` through [`http::serve`] (with `TCP_NODELAY`, timeouts and
+/// connection caps from `limits`) until `shutdown` completes, then closes every hub
+/// connection through [`HubService::shutdown`] and lets the HTTP requests in progress
+/// finish.
+///
+/// # Errors
+///
+/// I/O errors of the listener.
+pub async fn serve_with_limits(
+    listener: TcpListener,
+    router: Router,
+    hubs: Vec<HubService>,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let signal = async move {
         shutdown.await;
         tracing::info!("shutting down: closing connections");
-        for hub in &hubs_for_shutdown {
+        // Upgraded WebSockets are not tracked by the HTTP server: the hubs close them.
+        for hub in &hubs {
             hub.shutdown().await;
         }
-        let _ = stopped_tx.send(());
     };
-    axum::serve(listener, router)
-        .with_graceful_shutdown(signal)
-        .await?;
-    // Upgraded WebSockets are not tracked by the HTTP server; make sure their cleanup ran.
-    let _ = stopped_rx.await;
-    Ok(())
+    http::serve(listener, router, limits, signal).await
 }
 
 async fn page() -> Html<&'static str> {

@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use switchboard::app::{self, AppOptions};
 use switchboard::auth::{Authenticator, JwtConfig};
+use switchboard::http::{self, HttpLimits};
 use switchboard::stores::{self, StoreKind};
 use switchboard::{HubOptions, HubService, chat};
 use switchboard_core::{Capabilities, NodeId};
@@ -75,6 +76,39 @@ struct ServeArgs {
     /// Seconds a new connection has to send its handshake.
     #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT", default_value_t = 15)]
     handshake_timeout: u64,
+    /// Seconds a client has to send a complete request head; also how long an HTTP
+    /// connection may sit idle before its first request or between requests.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_HEADER_READ_TIMEOUT",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    header_read_timeout: u64,
+    /// Seconds one plain HTTP request may take, reading its body included (WebSockets are
+    /// not subject to it).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REQUEST_TIMEOUT",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    request_timeout: u64,
+    /// Largest request head (request line and headers), in bytes.
+    #[arg(long, env = "SWITCHBOARD_MAX_REQUEST_HEAD", default_value_t = 32 * 1024)]
+    max_request_head: usize,
+    /// Most connections open at once, WebSockets included; 0 = unlimited [default: the
+    /// open-files limit less 256]
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Most connections open at once from one client address (IPv6: one /64); 0 =
+    /// unlimited. Behind a reverse proxy all clients share its address: raise it or use 0.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 1024
+    )]
+    max_connections_per_address: usize,
 }
 
 #[allow(
@@ -166,6 +200,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             vendor_dir: Some(args.vendor_dir.clone()),
         },
     );
+    let limits = http_limits(&args);
     let listener = listen(args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let address = listener.local_addr().context("reading the bound address")?;
     tracing::info!(
@@ -174,11 +209,43 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "Switchboard listening on http://{address} (chat hub at {})",
         chat::PATH
     );
-    app::serve(listener, router, vec![hub], shutdown_signal())
+    app::serve_with_limits(listener, router, vec![hub], limits, shutdown_signal())
         .await
         .context("serving")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The HTTP limits of `args`, after raising the open-files limit (which the default
+/// connection cap follows) as far as the hard limit allows.
+fn http_limits(args: &ServeArgs) -> HttpLimits {
+    match http::raise_open_files_limit() {
+        Ok(open_files) => tracing::debug!(open_files, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
+    }
+    let mut limits = HttpLimits::default()
+        .with_header_read_timeout(Duration::from_secs(args.header_read_timeout))
+        .with_request_timeout(Duration::from_secs(args.request_timeout))
+        .with_max_request_head(args.max_request_head)
+        .with_max_connections_per_address(args.max_connections_per_address);
+    if let Some(max) = args.max_connections {
+        limits = limits.with_max_connections(max);
+    }
+    let cap = |n: usize| {
+        if n == 0 {
+            "unlimited".to_owned()
+        } else {
+            n.to_string()
+        }
+    };
+    tracing::info!(
+        max_connections = %cap(limits.max_connections),
+        max_connections_per_address = %cap(limits.max_connections_per_address),
+        header_read_timeout_s = args.header_read_timeout,
+        request_timeout_s = args.request_timeout,
+        "connection limits"
+    );
+    limits
 }
 
 /// Binds with a deep accept queue: bursts of thousands of connects (a deploy, a reconnect

@@ -78,6 +78,10 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("binding 127.0.0.1:5002")?;
     tracing::info!("listening on http://127.0.0.1:5002");
+    // Served through switchboard's HTTP server rather than `axum::serve`, which has no
+    // header-read timeout and no connection caps: idle and half-sent connections would
+    // otherwise stay open until the process runs out of file descriptors. The default
+    // `HttpLimits` apply; `app::serve_with_limits` takes others.
     switchboard::app::serve(listener, app, vec![hub], async {
         let _ = tokio::signal::ctrl_c().await;
     })
