@@ -6,7 +6,7 @@
     reason = "each test binary uses a different part of the harness"
 )]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use switchboard::app::{self, AppOptions};
 use switchboard::auth::{Authenticator, JwtConfig};
+use switchboard::http::HttpLimits;
 use switchboard::hub::Hub;
 use switchboard::{HubOptions, HubService, chat};
 use switchboard_core::testkit::node;
@@ -53,6 +54,27 @@ impl TestServer {
         store: Arc<dyn ConnectionStore>,
         options: HubOptions,
     ) -> Self {
+        Self::start_full(hub, store, options, HttpLimits::default()).await
+    }
+
+    /// The chat hub on a memory store, behind `limits`.
+    pub async fn start_limited(limits: HttpLimits) -> Self {
+        Self::start_full(
+            chat::hub(),
+            Arc::new(MemoryStore::new()),
+            HubOptions::default(),
+            limits,
+        )
+        .await
+    }
+
+    /// Any hub on any store, behind `limits`.
+    pub async fn start_full(
+        hub: Hub,
+        store: Arc<dyn ConnectionStore>,
+        options: HubOptions,
+        limits: HttpLimits,
+    ) -> Self {
         let auth = Authenticator::new(JwtConfig::new(SECRET).expect("strong secret"));
         let service = HubService::new(hub, store.clone(), node("test-node"), auth.clone(), options);
         let router = app::router(
@@ -68,10 +90,11 @@ impl TestServer {
             .expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(app::serve(
+        let task = tokio::spawn(app::serve_with_limits(
             listener,
             router,
             vec![service.clone()],
+            limits,
             async move {
                 let _ = stopped.await;
             },
@@ -167,7 +190,36 @@ impl TestServer {
         headers: &[(&str, &str)],
         body: &str,
     ) -> (u16, String) {
-        let mut stream = TcpStream::connect(self.addr).await.expect("connect");
+        let stream = TcpStream::connect(self.addr).await.expect("connect");
+        self.http_over(stream, method, path, headers, body).await
+    }
+
+    /// Like [`TestServer::http`], from the loopback address `local` (Linux routes all of
+    /// 127.0.0.0/8 to the loopback interface).
+    pub async fn http_from(
+        &self,
+        local: IpAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String) {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(local, 0))
+            .expect("bind the local address");
+        let stream = socket.connect(self.addr).await.expect("connect");
+        self.http_over(stream, method, path, headers, body).await
+    }
+
+    async fn http_over(
+        &self,
+        mut stream: TcpStream,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String) {
         let mut request = format!(
             "{method} {path} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\ncontent-length: {}\r\n",
             self.addr,
