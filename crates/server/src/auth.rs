@@ -253,6 +253,7 @@ impl Authenticator {
             header_b64,
             "header is not base64url",
             "header is not a JSON object",
+            "header has a duplicate key",
         )?;
         check_header(&header)?;
 
@@ -268,6 +269,7 @@ impl Authenticator {
             claims_b64,
             "claims are not base64url",
             "claims are not a JSON object",
+            "claims have a duplicate key",
         )?;
         check_claims(config, &claims, now)
     }
@@ -315,16 +317,62 @@ fn signing_input(header_b64: &str, claims_b64: &str) -> String {
     format!("{header_b64}.{claims_b64}")
 }
 
-/// Decodes one base64url segment holding a JSON object.
+/// Decodes one base64url segment holding a JSON object whose keys are all distinct.
+///
+/// A duplicate key is refused: parsers disagree on which copy wins (`{"alg":"none",
+/// "alg":"HS256"}`), so a token that means different things to different readers is never
+/// accepted.
 fn decode_object(
     segment: &str,
     not_base64: &'static str,
     not_object: &'static str,
+    duplicate: &'static str,
 ) -> Result<Map<String, Value>, AuthError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(segment)
         .map_err(|_| AuthError::Malformed(not_base64))?;
-    serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed(not_object))
+    match serde_json::from_slice::<UniqueKeys>(&bytes) {
+        Ok(UniqueKeys(map)) => Ok(map),
+        Err(e) if e.to_string().starts_with(DUPLICATE_KEY) => Err(AuthError::Malformed(duplicate)),
+        Err(_) => Err(AuthError::Malformed(not_object)),
+    }
+}
+
+/// The error text [`UniqueKeys`] fails with.
+const DUPLICATE_KEY: &str = "duplicate key";
+
+/// A JSON object whose top-level keys are all distinct.
+struct UniqueKeys(Map<String, Value>);
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = UniqueKeys;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut access: A,
+            ) -> Result<UniqueKeys, A::Error> {
+                let mut map = Map::new();
+                while let Some(key) = access.next_key::<String>()? {
+                    if map.contains_key(&key) {
+                        return Err(serde::de::Error::custom(DUPLICATE_KEY));
+                    }
+                    let value: Value = access.next_value()?;
+                    map.insert(key, value);
+                }
+                Ok(UniqueKeys(map))
+            }
+        }
+
+        deserializer.deserialize_map(Visitor)
+    }
 }
 
 /// Checks `alg`, `typ` and `crit` of a decoded header.
@@ -579,6 +627,30 @@ mod tests {
             auth.verify_at(TOKEN, at(1_700_003_600 + 31)),
             Err(AuthError::Expired)
         );
+    }
+
+    #[test]
+    fn duplicate_keys_in_header_or_claims_are_refused() {
+        let auth = Authenticator::new(config());
+        // Each reader of a token must see the same token: no "last key wins".
+        let header = r#"{"alg":"none","alg":"HS256"}"#;
+        assert_eq!(
+            auth.verify_at(&sign_with(SECRET, header, &claims("")), at(NOW)),
+            Err(AuthError::Malformed("header has a duplicate key"))
+        );
+        let twice = format!(r#"{{"sub":"mallory","sub":"alice","exp":{}}}"#, NOW + 3600);
+        assert_eq!(
+            auth.verify_at(&sign(&twice), at(NOW)),
+            Err(AuthError::Malformed("claims have a duplicate key"))
+        );
+        let expired_then_fresh = format!(r#"{{"sub":"alice","exp":1,"exp":{}}}"#, NOW + 3600);
+        assert_eq!(
+            auth.verify_at(&sign(&expired_then_fresh), at(NOW)),
+            Err(AuthError::Malformed("claims have a duplicate key"))
+        );
+        // Nested objects may repeat the keys of their parents.
+        let nested = claims(r#","ctx":{"sub":"x","exp":2}"#);
+        assert_eq!(auth.verify_at(&sign(&nested), at(NOW)), Ok(user("alice")));
     }
 
     #[test]
