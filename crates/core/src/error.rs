@@ -59,6 +59,14 @@ pub enum StoreError {
     /// longer passes validation). Permanent.
     #[error("the connection store holds invalid data: {0}")]
     Corrupt(String),
+    /// The store works but refuses the operation by policy (a per-user limit, a banned user, a
+    /// quota). Permanent: retrying the same operation gets the same answer. `reason` is shown
+    /// to the client, so it must not reveal internals.
+    #[error("the connection store refused: {reason}")]
+    Refused {
+        /// Why, in words meant for the client.
+        reason: String,
+    },
 }
 
 impl StoreError {
@@ -67,13 +75,24 @@ impl StoreError {
         Self::Unsupported { store, operation }
     }
 
+    /// Shorthand for [`StoreError::Refused`].
+    pub fn refused(reason: impl Into<String>) -> Self {
+        Self::Refused {
+            reason: reason.into(),
+        }
+    }
+
     /// Whether the same operation may succeed if retried later (the store was down, slow,
-    /// throttled, or hit a deadlock). `Unsupported`, `Conflict` and `Corrupt` are permanent.
+    /// throttled, or hit a deadlock). `Unsupported`, `Conflict`, `Corrupt` and `Refused` are
+    /// permanent.
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Unavailable { .. } | Self::Timeout(_) => true,
             Self::Backend { transient, .. } => *transient,
-            Self::Unsupported { .. } | Self::Conflict { .. } | Self::Corrupt(_) => false,
+            Self::Unsupported { .. }
+            | Self::Conflict { .. }
+            | Self::Corrupt(_)
+            | Self::Refused { .. } => false,
         }
     }
 
@@ -99,6 +118,11 @@ mod tests {
         );
         assert!(!StoreError::unsupported("groups", "listing users").is_transient());
         assert!(!StoreError::Corrupt("bad id".into()).is_transient());
+        assert!(!StoreError::refused("at most 3 tabs").is_transient());
+        assert_eq!(
+            StoreError::refused("at most 3 tabs").to_string(),
+            "the connection store refused: at most 3 tabs"
+        );
         assert_eq!(
             StoreError::unsupported("groups", "listing users").to_string(),
             "the `groups` store does not support listing users"

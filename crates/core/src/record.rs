@@ -43,13 +43,20 @@ impl ConnectionRecord {
     /// means "no user agent".
     #[must_use]
     pub fn with_user_agent(mut self, user_agent: &str) -> Self {
+        let cut = Self::cut_user_agent(user_agent);
+        self.user_agent = (!cut.is_empty()).then(|| Arc::from(cut));
+        self
+    }
+
+    /// The part of `user_agent` a record keeps: at most [`ConnectionRecord::MAX_USER_AGENT`]
+    /// bytes, cut at a character boundary. Servers cut client-supplied user agents with this
+    /// as soon as they read them, so an oversized header never stays in memory.
+    pub fn cut_user_agent(user_agent: &str) -> &str {
         let mut end = user_agent.len().min(Self::MAX_USER_AGENT);
         while !user_agent.is_char_boundary(end) {
             end -= 1;
         }
-        let cut = &user_agent[..end];
-        self.user_agent = (!cut.is_empty()).then(|| Arc::from(cut));
-        self
+        &user_agent[..end]
     }
 
     /// Returns the same record owned by another node (used when a connection re-attaches).

@@ -39,15 +39,12 @@ impl ConnectionStore for LimitedStore {
     async fn add(&self, record: ConnectionRecord) -> Result<(), StoreError> {
         let live = self.inner.connections(record.user()).await?.len();
         if live >= self.limit {
-            return Err(StoreError::Backend {
-                message: format!(
-                    "user `{}` already has {live} connections (limit {})",
-                    record.user(),
-                    self.limit
-                ),
-                transient: true,
-                source: None,
-            });
+            // A policy refusal, not an outage: the client is told why and is not invited to
+            // retry, because retrying gets the same answer until a connection closes.
+            return Err(StoreError::refused(format!(
+                "you already have {live} open connections; at most {} are allowed",
+                self.limit
+            )));
         }
         self.inner.add(record).await
     }

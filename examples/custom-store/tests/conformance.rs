@@ -27,8 +27,11 @@ async fn the_limit_is_enforced_and_frees_up() {
         .add(record("c3", "ann", "n"))
         .await
         .expect_err("third");
-    assert!(matches!(err, StoreError::Backend { .. }), "{err}");
-    assert!(err.is_transient());
+    assert!(matches!(err, StoreError::Refused { .. }), "{err}");
+    assert!(
+        !err.is_transient(),
+        "a policy refusal is not worth retrying"
+    );
     let _ = store
         .remove(&user("ann"), &switchboard_core::testkit::conn("c1"))
         .await
