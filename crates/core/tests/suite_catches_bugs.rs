@@ -154,6 +154,12 @@ impl Harness for BrokenHarness {
             ever_seen: Mutex::default(),
         })
     }
+
+    /// About one random scenario in 25 exposes a store that forgets empty users, so the
+    /// default 48 miss it now and then; 512 miss it about once in a billion runs.
+    fn proptest_cases(&self) -> u32 {
+        512
+    }
 }
 
 /// Runs a case in its own task and asserts that it failed.
