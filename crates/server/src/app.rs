@@ -120,6 +120,10 @@ async fn style() -> Response {
         .into_response()
 }
 
+/// The answer for a file under `/vendor/` that is not there.
+const VENDOR_MISSING: &str = "not found (if this is the SignalR browser client, the server's \
+     vendor directory lacks it: run `npm ci --prefix web` where the server runs)";
+
 async fn vendor(State(state): State<PageState>, Path(file): Path<String>) -> Response {
     let Some(dir) = state.vendor_dir else {
         return (StatusCode::NOT_FOUND, "no vendor directory is configured").into_response();
@@ -130,7 +134,7 @@ async fn vendor(State(state): State<PageState>, Path(file): Path<String>) -> Res
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
     if !safe {
-        return (StatusCode::NOT_FOUND, "not found").into_response();
+        return (StatusCode::NOT_FOUND, VENDOR_MISSING).into_response();
     }
     let content_type = if file.ends_with(".js") {
         "text/javascript; charset=utf-8"
@@ -141,14 +145,12 @@ async fn vendor(State(state): State<PageState>, Path(file): Path<String>) -> Res
     };
     match tokio::fs::read(dir.join(&file)).await {
         Ok(bytes) => ([(header::CONTENT_TYPE, content_type)], bytes).into_response(),
-        Err(_) => (
-            StatusCode::NOT_FOUND,
-            format!(
-                "{file} is not in {}: run `npm ci --prefix web` to install the SignalR browser client",
-                dir.display()
-            ),
-        )
-            .into_response(),
+        Err(e) => {
+            // The answer names neither the file asked for nor where the server looked; the
+            // log says where (at debug level: any client can ask for missing files).
+            tracing::debug!(dir = %dir.display(), error = %e, "a vendor file was not found");
+            (StatusCode::NOT_FOUND, VENDOR_MISSING).into_response()
+        }
     }
 }
 
