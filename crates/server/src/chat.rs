@@ -2,13 +2,19 @@
 //!
 //! `SendChatMessage(who, message)` calls `addChatMessage("<sender>: <message>")` on every live
 //! connection of user `who`, exactly once each, where `<sender>` is the caller's user from the
-//! verified token. When `who` has no live connection, the caller alone gets
-//! `showErrorMessage("The user '<who>' is not connected.")`. The invocation completes without
-//! a result either way.
+//! verified token. The caller alone is told when that did not work:
+//!
+//! * `showErrorMessage("The user '<who>' is not connected.")` when `who` has no live
+//!   connection;
+//! * `showErrorMessage("The message to '<who>' could not be delivered to N connection(s): the
+//!   recipient is not reading its messages.")` when some of `who`'s connections do not read
+//!   (their queue stayed full; they are being closed).
+//!
+//! The invocation completes without a result either way.
 
 use switchboard_core::UserId;
 
-use crate::hub::{Hub, HubContext, HubError};
+use crate::hub::{Delivery, Hub, HubContext, HubError};
 
 /// The path the chat hub is served on.
 pub const PATH: &str = "/hubs/chat";
@@ -22,27 +28,33 @@ async fn send_chat_message(
     ctx: HubContext,
     (who, message): (String, String),
 ) -> Result<(), HubError> {
-    let delivered = match UserId::new(&who) {
+    let delivery = match UserId::new(&who) {
         Ok(target) => {
             let text = format!("{}: {}", ctx.user(), message);
             ctx.clients()
                 .user(&target)
                 .send("addChatMessage", &(text,))
                 .await?
-                .connections
         }
         // No valid user id can be connected.
-        Err(_) => 0,
+        Err(_) => Delivery::default(),
     };
-    if delivered == 0 {
-        let _caller = ctx
-            .clients()
-            .caller()
-            .send(
-                "showErrorMessage",
-                &(format!("The user '{}' is not connected.", who.trim()),),
-            )
-            .await?;
-    }
+    let who = who.trim();
+    let error = if delivery.nobody_there() {
+        format!("The user '{who}' is not connected.")
+    } else if delivery.not_reading > 0 {
+        format!(
+            "The message to '{who}' could not be delivered to {} connection(s): the recipient \
+             is not reading its messages.",
+            delivery.not_reading
+        )
+    } else {
+        return Ok(());
+    };
+    let _caller = ctx
+        .clients()
+        .caller()
+        .send("showErrorMessage", &(error,))
+        .await?;
     Ok(())
 }

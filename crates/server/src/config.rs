@@ -14,12 +14,36 @@ pub struct HubOptions {
     pub handshake_timeout: Duration,
     /// Largest accepted record, in bytes. Default 32 KiB.
     pub max_record_size: usize,
-    /// Records queued per connection before it counts as too slow and is closed. Default 1024.
-    pub send_queue_capacity: usize,
+    /// Bytes of records queued per connection for its socket (each record also costs 64
+    /// bytes of bookkeeping). A send to a full queue waits for room. Default 1 MiB.
+    pub send_queue_size: usize,
+    /// How long a send waits for room in a full queue. When it waited that long, the
+    /// recipient does not keep up: it is closed, and the sender is told the message could not
+    /// be delivered because the recipient is not reading. Default 5 s.
+    pub send_timeout: Duration,
+    /// Invocations a connection may start per second, on average; a connection that invokes
+    /// faster is slowed down (its further records wait; nothing is refused or dropped). `0`
+    /// turns the limit off. Default 500.
+    pub max_invocations_per_second: u32,
+    /// Invocations a connection may start at once above the average rate. Default 500.
+    pub invocation_burst: u32,
+    /// Invocations of one connection that may run at the same time; further records wait
+    /// until one completes (as ASP.NET Core's `MaximumParallelInvocationsPerClient`).
+    /// Default 1.
+    pub max_parallel_invocations: usize,
+    /// Live connections one user may hold on this node (the official clients open one per
+    /// browser tab). Default 100.
+    pub max_connections_per_user: usize,
     /// How long a negotiated connection waits for its WebSocket. Default 30 s.
     pub negotiate_ttl: Duration,
     /// Most negotiated connections waiting for a WebSocket at once. Default 100 000.
     pub max_pending_negotiations: usize,
+    /// Most negotiated connections one user may have waiting for a WebSocket at once.
+    /// Default 32.
+    pub max_pending_negotiations_per_user: usize,
+    /// Deadline of every call to the connection store; a call that takes longer fails with
+    /// [`StoreError::Timeout`](switchboard_core::StoreError::Timeout). Default 5 s.
+    pub store_timeout: Duration,
     /// WebSocket read buffer per connection, in bytes; larger frames grow it while they are
     /// read. Default 2 KiB.
     pub read_buffer_size: usize,
@@ -48,9 +72,16 @@ impl Default for HubOptions {
             client_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(15),
             max_record_size: 32 * 1024,
-            send_queue_capacity: 1024,
+            send_queue_size: 1 << 20,
+            send_timeout: Duration::from_secs(5),
+            max_invocations_per_second: 500,
+            invocation_burst: 500,
+            max_parallel_invocations: 1,
+            max_connections_per_user: 100,
             negotiate_ttl: Duration::from_secs(30),
             max_pending_negotiations: 100_000,
+            max_pending_negotiations_per_user: 32,
+            store_timeout: Duration::from_secs(5),
             read_buffer_size: 2 * 1024,
             write_buffer_size: 8 * 1024,
             lease: Duration::from_secs(30),
@@ -92,10 +123,40 @@ impl HubOptions {
         self
     }
 
-    /// Sets [`HubOptions::send_queue_capacity`].
+    /// Sets [`HubOptions::send_queue_size`] (bytes).
     #[must_use]
-    pub fn with_send_queue_capacity(mut self, records: usize) -> Self {
-        self.send_queue_capacity = records;
+    pub fn with_send_queue_size(mut self, bytes: usize) -> Self {
+        self.send_queue_size = bytes;
+        self
+    }
+
+    /// Sets [`HubOptions::send_timeout`].
+    #[must_use]
+    pub fn with_send_timeout(mut self, value: Duration) -> Self {
+        self.send_timeout = value;
+        self
+    }
+
+    /// Sets [`HubOptions::max_invocations_per_second`] and [`HubOptions::invocation_burst`]
+    /// (`per_second == 0` turns the limit off).
+    #[must_use]
+    pub fn with_invocation_rate(mut self, per_second: u32, burst: u32) -> Self {
+        self.max_invocations_per_second = per_second;
+        self.invocation_burst = burst;
+        self
+    }
+
+    /// Sets [`HubOptions::max_parallel_invocations`] (at least 1 is used).
+    #[must_use]
+    pub fn with_max_parallel_invocations(mut self, value: usize) -> Self {
+        self.max_parallel_invocations = value;
+        self
+    }
+
+    /// Sets [`HubOptions::max_connections_per_user`] (at least 1 is used).
+    #[must_use]
+    pub fn with_max_connections_per_user(mut self, value: usize) -> Self {
+        self.max_connections_per_user = value;
         self
     }
 
@@ -103,6 +164,27 @@ impl HubOptions {
     #[must_use]
     pub fn with_max_pending_negotiations(mut self, value: usize) -> Self {
         self.max_pending_negotiations = value;
+        self
+    }
+
+    /// Sets [`HubOptions::max_pending_negotiations_per_user`].
+    #[must_use]
+    pub fn with_max_pending_negotiations_per_user(mut self, value: usize) -> Self {
+        self.max_pending_negotiations_per_user = value;
+        self
+    }
+
+    /// Sets [`HubOptions::negotiate_ttl`].
+    #[must_use]
+    pub fn with_negotiate_ttl(mut self, value: Duration) -> Self {
+        self.negotiate_ttl = value;
+        self
+    }
+
+    /// Sets [`HubOptions::store_timeout`].
+    #[must_use]
+    pub fn with_store_timeout(mut self, value: Duration) -> Self {
+        self.store_timeout = value;
         self
     }
 

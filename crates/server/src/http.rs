@@ -37,7 +37,7 @@ use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -49,6 +49,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+
+use crate::throttle::Throttle;
 
 /// File descriptors kept out of [`default_max_connections`] for everything that is not a
 /// client connection: the listener, the store, log files, and refused connections while
@@ -246,7 +248,7 @@ pub async fn serve(
     // Each connection task holds a receiver: a change asks it to finish gracefully, the
     // sender's drop closes it, and the sender sees when every task is done.
     let (stop_tx, _) = watch::channel(());
-    let accept_throttle = LogThrottle::new(ACCEPT_LOG_INTERVAL);
+    let accept_throttle = Throttle::new(1, ACCEPT_LOG_INTERVAL);
     let mut backoff = ACCEPT_BACKOFF_MIN;
 
     let mut shutdown = pin!(shutdown);
@@ -268,7 +270,7 @@ pub async fn serve(
                         tokio::spawn(Arc::clone(&server).connection(tcp, peer, permit, stop));
                     }
                     Err(refusal) => {
-                        if let Some(suppressed) = server.logs.refused.hit() {
+                        if let Some(suppressed) = server.logs.refused.allow() {
                             tracing::warn!(
                                 peer = %peer.ip(),
                                 suppressed,
@@ -281,7 +283,7 @@ pub async fn serve(
             }
             Err(e) if is_connection_error(&e) => {}
             Err(e) => {
-                if let Some(suppressed) = accept_throttle.hit() {
+                if let Some(suppressed) = accept_throttle.allow() {
                     tracing::error!(
                         error = %e,
                         suppressed,
@@ -617,17 +619,17 @@ impl AsyncWrite for CountedStream {
 /// Rate limits of the log lines that clients can cause.
 #[derive(Debug)]
 struct Logs {
-    refused: LogThrottle,
-    header_timeout: LogThrottle,
-    other: LogThrottle,
+    refused: Throttle,
+    header_timeout: Throttle,
+    other: Throttle,
 }
 
 impl Default for Logs {
     fn default() -> Self {
         Self {
-            refused: LogThrottle::new(CLIENT_LOG_INTERVAL),
-            header_timeout: LogThrottle::new(CLIENT_LOG_INTERVAL),
-            other: LogThrottle::new(CLIENT_LOG_INTERVAL),
+            refused: Throttle::new(1, CLIENT_LOG_INTERVAL),
+            header_timeout: Throttle::new(1, CLIENT_LOG_INTERVAL),
+            other: Throttle::new(1, CLIENT_LOG_INTERVAL),
         }
     }
 }
@@ -635,57 +637,15 @@ impl Default for Logs {
 impl Logs {
     fn connection_error(&self, peer: SocketAddr, error: &hyper::Error) {
         if error.is_timeout() {
-            if let Some(suppressed) = self.header_timeout.hit() {
+            if let Some(suppressed) = self.header_timeout.allow() {
                 tracing::info!(
                     peer = %peer.ip(),
                     suppressed,
                     "closed a connection that sent no complete request head in time"
                 );
             }
-        } else if let Some(suppressed) = self.other.hit() {
+        } else if let Some(suppressed) = self.other.allow() {
             tracing::debug!(peer = %peer.ip(), suppressed, error = %error, "HTTP connection failed");
-        }
-    }
-}
-
-/// Lets one log line through, then at most one per interval, counting the ones held back.
-#[derive(Debug)]
-struct LogThrottle {
-    interval: Duration,
-    state: Mutex<ThrottleState>,
-}
-
-#[derive(Debug, Default)]
-struct ThrottleState {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogThrottle {
-    fn new(interval: Duration) -> Self {
-        Self {
-            interval,
-            state: Mutex::new(ThrottleState::default()),
-        }
-    }
-
-    /// An event happened: `Some(n)` when it should be logged, `n` being the number of events
-    /// held back since the last line; `None` when it is held back.
-    fn hit(&self) -> Option<u64> {
-        self.hit_at(Instant::now())
-    }
-
-    fn hit_at(&self, now: Instant) -> Option<u64> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        match state.last {
-            Some(last) if now.saturating_duration_since(last) < self.interval => {
-                state.suppressed += 1;
-                None
-            }
-            _ => {
-                state.last = Some(now);
-                Some(std::mem::take(&mut state.suppressed))
-            }
         }
     }
 }
@@ -695,18 +655,6 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-
-    #[test]
-    fn the_throttle_logs_the_first_then_one_per_interval_with_the_count_held_back() {
-        let throttle = LogThrottle::new(Duration::from_secs(10));
-        let start = Instant::now();
-        assert_eq!(throttle.hit_at(start), Some(0));
-        assert_eq!(throttle.hit_at(start + Duration::from_secs(1)), None);
-        assert_eq!(throttle.hit_at(start + Duration::from_secs(9)), None);
-        assert_eq!(throttle.hit_at(start + Duration::from_secs(10)), Some(2));
-        assert_eq!(throttle.hit_at(start + Duration::from_secs(11)), None);
-        assert_eq!(throttle.hit_at(start + Duration::from_secs(30)), Some(1));
-    }
 
     #[test]
     fn the_default_cap_keeps_a_reserve_of_file_descriptors() {

@@ -85,9 +85,22 @@ impl HubError {
 /// How many connections a send reached (on this node, or handed to a backplane).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[must_use]
+#[non_exhaustive]
 pub struct Delivery {
     /// Connections the message was queued for.
     pub connections: usize,
+    /// Connections the message could not be delivered to because they do not read their
+    /// messages: their queue stayed full for the whole
+    /// [`send_timeout`](crate::HubOptions::send_timeout). Those connections are being closed.
+    pub not_reading: usize,
+}
+
+impl Delivery {
+    /// Whether the message reached nobody and nobody was there to reach: the target has no
+    /// live connection.
+    pub fn nobody_there(&self) -> bool {
+        self.connections == 0 && self.not_reading == 0
+    }
 }
 
 /// Everything a hub method knows about its caller, and the way to reach other clients.
@@ -209,8 +222,12 @@ impl<'a> ClientProxy<'a> {
 impl ClientProxy<'_> {
     /// Calls `method` with `arguments` (anything serializing to a JSON array, usually a tuple:
     /// `&("text",)`) on every chosen connection, exactly once each. The message is serialized
-    /// once for all recipients. Returns how many connections it reached: `0` means nobody was
-    /// there.
+    /// once for all recipients. Returns how many connections it reached, and how many could not
+    /// take it because they do not read their messages.
+    ///
+    /// A recipient whose queue is full makes this call wait for room (up to
+    /// [`HubOptions::send_timeout`](crate::HubOptions::send_timeout)): a fast sender is slowed
+    /// down to what its recipients read; a recipient that stops reading is closed.
     ///
     /// # Errors
     ///

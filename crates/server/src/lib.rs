@@ -57,14 +57,18 @@ pub mod app;
 pub mod auth;
 pub mod chat;
 pub mod config;
+mod deadline;
 mod delivery;
 pub mod http;
 pub mod hub;
+mod mailbox;
 pub mod protocol;
 mod registry;
 pub mod service;
 mod session;
 pub mod stores;
+mod throttle;
+mod tokens;
 
 pub use config::HubOptions;
 pub use service::HubService;

@@ -65,16 +65,16 @@ struct ServeArgs {
     )]
     vendor_dir: PathBuf,
     /// Largest accepted message (one record), in bytes.
-    #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_SIZE", default_value_t = 32 * 1024)]
+    #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_SIZE", default_value_t = HubOptions::default().max_record_size)]
     max_message_size: usize,
     /// Seconds of send-silence before the server sends a Ping.
-    #[arg(long, env = "SWITCHBOARD_KEEP_ALIVE", default_value_t = 15)]
+    #[arg(long, env = "SWITCHBOARD_KEEP_ALIVE", default_value_t = HubOptions::default().keep_alive_interval.as_secs())]
     keep_alive: u64,
     /// Seconds without any message before a client is dropped.
-    #[arg(long, env = "SWITCHBOARD_CLIENT_TIMEOUT", default_value_t = 30)]
+    #[arg(long, env = "SWITCHBOARD_CLIENT_TIMEOUT", default_value_t = HubOptions::default().client_timeout.as_secs())]
     client_timeout: u64,
     /// Seconds a new connection has to send its handshake.
-    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT", default_value_t = 15)]
+    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT", default_value_t = HubOptions::default().handshake_timeout.as_secs())]
     handshake_timeout: u64,
     /// Seconds a client has to send a complete request head; also how long an HTTP
     /// connection may sit idle before its first request or between requests.
@@ -109,6 +109,46 @@ struct ServeArgs {
         default_value_t = 1024
     )]
     max_connections_per_address: usize,
+    /// Bytes of messages queued per connection for its socket; a send to a full queue waits.
+    #[arg(long, env = "SWITCHBOARD_SEND_QUEUE_SIZE", default_value_t = HubOptions::default().send_queue_size)]
+    send_queue_size: usize,
+    /// Seconds a send waits for room in a full queue before the recipient counts as not
+    /// reading and is closed.
+    #[arg(long, env = "SWITCHBOARD_SEND_TIMEOUT", default_value_t = HubOptions::default().send_timeout.as_secs_f64())]
+    send_timeout: f64,
+    /// Invocations per second one connection may make on average (faster ones are slowed
+    /// down); 0 turns the limit off.
+    #[arg(long, env = "SWITCHBOARD_MAX_INVOCATION_RATE", default_value_t = HubOptions::default().max_invocations_per_second)]
+    max_invocation_rate: u32,
+    /// Invocations one connection may make at once above its average rate.
+    #[arg(long, env = "SWITCHBOARD_INVOCATION_BURST", default_value_t = HubOptions::default().invocation_burst)]
+    invocation_burst: u32,
+    /// Hub method calls of one connection that may run at the same time.
+    #[arg(long, env = "SWITCHBOARD_MAX_PARALLEL_INVOCATIONS", default_value_t = HubOptions::default().max_parallel_invocations)]
+    max_parallel_invocations: usize,
+    /// Live connections one user may hold on this node (one per browser tab).
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_USER", default_value_t = HubOptions::default().max_connections_per_user)]
+    max_connections_per_user: usize,
+    /// Negotiated connections that may wait for their WebSocket at once, in total.
+    #[arg(long, env = "SWITCHBOARD_MAX_PENDING_NEGOTIATIONS", default_value_t = HubOptions::default().max_pending_negotiations)]
+    max_pending_negotiations: usize,
+    /// Negotiated connections of one user that may wait for their WebSocket at once.
+    #[arg(long, env = "SWITCHBOARD_MAX_PENDING_NEGOTIATIONS_PER_USER", default_value_t = HubOptions::default().max_pending_negotiations_per_user)]
+    max_pending_negotiations_per_user: usize,
+    /// Seconds a negotiated connection waits for its WebSocket.
+    #[arg(long, env = "SWITCHBOARD_NEGOTIATE_TIMEOUT", default_value_t = HubOptions::default().negotiate_ttl.as_secs())]
+    negotiate_timeout: u64,
+    /// Seconds every call to the connection store may take before it fails as a timeout.
+    #[arg(long, env = "SWITCHBOARD_STORE_TIMEOUT", default_value_t = HubOptions::default().store_timeout.as_secs_f64())]
+    store_timeout: f64,
+}
+
+/// A positive, finite number of seconds from the command line.
+fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("{flag} must be a positive number of seconds, not {value}"))
 }
 
 #[allow(
@@ -187,7 +227,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_max_record_size(args.max_message_size)
         .with_keep_alive_interval(Duration::from_secs(args.keep_alive))
         .with_client_timeout(Duration::from_secs(args.client_timeout))
-        .with_handshake_timeout(Duration::from_secs(args.handshake_timeout));
+        .with_handshake_timeout(Duration::from_secs(args.handshake_timeout))
+        .with_send_queue_size(args.send_queue_size)
+        .with_send_timeout(seconds(args.send_timeout, "--send-timeout")?)
+        .with_invocation_rate(args.max_invocation_rate, args.invocation_burst)
+        .with_max_parallel_invocations(args.max_parallel_invocations)
+        .with_max_connections_per_user(args.max_connections_per_user)
+        .with_max_pending_negotiations(args.max_pending_negotiations)
+        .with_max_pending_negotiations_per_user(args.max_pending_negotiations_per_user)
+        .with_negotiate_ttl(Duration::from_secs(args.negotiate_timeout.max(1)))
+        .with_store_timeout(seconds(args.store_timeout, "--store-timeout")?);
     let hub = HubService::new(chat::hub(), store, node.clone(), auth.clone(), options);
     hub.start_maintenance()
         .await

@@ -83,8 +83,13 @@ struct HandshakeRequest<'a> {
     version: Option<i64>,
 }
 
-/// Parses the handshake record (without its separator) and returns the protocol version
-/// (1 or 2).
+/// Newest version of the JSON hub protocol this server speaks.
+pub const MAX_VERSION: i64 = 2;
+
+/// Parses the handshake record (without its separator) and returns the protocol version the
+/// connection runs: 2 when the client asked for 2, else 1. Like ASP.NET Core, any version up to
+/// [`MAX_VERSION`] is accepted (some clients, such as Python's `signalrcore`, send 0); the
+/// versions below 2 differ only in lacking stateful reconnect.
 ///
 /// # Errors
 ///
@@ -104,11 +109,27 @@ pub fn parse_handshake(record: &[u8]) -> Result<u8, ProtocolError> {
         )));
     }
     match version {
-        1 => Ok(1),
         2 => Ok(2),
+        v if v < 2 => Ok(1),
         other => Err(ProtocolError::Handshake(format!(
             "The server does not support version {other} of the 'json' protocol."
         ))),
+    }
+}
+
+/// The error for a handshake that arrived in a binary frame. Clients that speak MessagePack
+/// send their (JSON) handshake that way: they are told MessagePack is not supported, not that
+/// frames must be text.
+pub fn binary_handshake_error(frame: &[u8]) -> ProtocolError {
+    let record = frame
+        .split(|&b| b == RECORD_SEPARATOR)
+        .next()
+        .unwrap_or_default();
+    match parse_handshake(record) {
+        Err(ProtocolError::Handshake(text)) if text.contains("is not supported") => {
+            ProtocolError::Handshake(text)
+        }
+        _ => ProtocolError::Handshake("the handshake must be sent in a text frame".into()),
     }
 }
 
@@ -423,6 +444,25 @@ mod tests {
             .expect_err("messagepack is refused");
         assert!(err.to_string().contains("'messagepack' is not supported"));
         assert!(parse_handshake(br#"{"protocol":"json","version":3}"#).is_err());
+        // As ASP.NET Core: anything up to the newest version, as the version without
+        // stateful reconnect.
+        assert_eq!(
+            parse_handshake(br#"{"protocol":"json","version":0}"#),
+            Ok(1)
+        );
+        assert_eq!(
+            parse_handshake(br#"{"protocol":"json","version":-1}"#),
+            Ok(1)
+        );
+        let err = binary_handshake_error(b"{\"protocol\":\"messagepack\",\"version\":1}\x1e");
+        assert!(
+            err.to_string().contains("'messagepack' is not supported"),
+            "{err}"
+        );
+        let err = binary_handshake_error(b"{\"protocol\":\"json\",\"version\":1}\x1e");
+        assert!(err.to_string().contains("text frame"), "{err}");
+        let err = binary_handshake_error(b"\x81\xa8protocol");
+        assert!(err.to_string().contains("text frame"), "{err}");
         assert!(parse_handshake(b"not json").is_err());
         assert!(parse_handshake(br#"{"type":6}"#).is_err());
         assert_eq!(handshake_error("x"), "{\"error\":\"x\"}\u{1e}");

@@ -1,150 +1,138 @@
-//! The node's own live sockets: connection id → outgoing queue, and local groups.
+//! The node's own live sockets: connection id → outgoing queue, which connections each user has
+//! here, and local groups.
 //!
 //! This is not the [`ConnectionStore`](switchboard_core::ConnectionStore): the store says which
 //! connections a user has anywhere; the registry holds the write ends of the sockets this node
 //! serves.
+//!
+//! A user's connections are indexed apart from the groups a hub names, so no group name a
+//! client can choose ever reaches another user's deliveries.
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
-use switchboard_core::ConnectionId;
-use tokio::sync::Notify;
+use switchboard_core::{ConnectionId, UserId};
 
-/// The outgoing queue of one local connection: whole serialized records, shared between all
-/// recipients of a fan-out, waiting for the connection's session to write them.
-///
-/// Lean on purpose (it exists once per connection): an idle mailbox holds no buffer, senders
-/// never wait, and the session takes a whole batch under one lock.
-#[derive(Debug)]
-pub(crate) struct Mailbox {
-    queue: Mutex<VecDeque<Utf8Bytes>>,
-    capacity: usize,
-    /// Wakes the session: records arrived, or the queue overflowed.
-    signal: Notify,
-    overflowed: AtomicBool,
-}
-
-/// What the session should do next with its mailbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum MailboxEvent {
-    /// Records are waiting.
-    Ready,
-    /// The queue overflowed: the client does not read; close the connection.
-    Overflowed,
-}
-
-impl Mailbox {
-    fn new(capacity: usize) -> Self {
-        Self {
-            queue: Mutex::new(VecDeque::new()),
-            capacity: capacity.max(1),
-            signal: Notify::new(),
-            overflowed: AtomicBool::new(false),
-        }
-    }
-
-    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Utf8Bytes>> {
-        // The queue holds plain values; a panic elsewhere cannot leave it inconsistent.
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Queues a record without waiting.
-    fn push(&self, record: &Utf8Bytes) -> Sent {
-        let mut queue = self.queue();
-        if queue.len() >= self.capacity {
-            drop(queue);
-            self.overflowed.store(true, Ordering::Release);
-            self.signal.notify_one();
-            return Sent::Overflow;
-        }
-        queue.push_back(record.clone());
-        drop(queue);
-        self.signal.notify_one();
-        Sent::Queued
-    }
-
-    /// Waits until records are queued or the queue overflowed. Cancel-safe.
-    pub(crate) async fn ready(&self) -> MailboxEvent {
-        loop {
-            if self.overflowed.load(Ordering::Acquire) {
-                return MailboxEvent::Overflowed;
-            }
-            if !self.queue().is_empty() {
-                return MailboxEvent::Ready;
-            }
-            // A push between the check and here leaves a permit: this returns at once.
-            self.signal.notified().await;
-        }
-    }
-
-    /// Moves up to `max` queued records into `batch`.
-    pub(crate) fn take(&self, batch: &mut Vec<Utf8Bytes>, max: usize) {
-        let mut queue = self.queue();
-        let n = queue.len().min(max);
-        batch.extend(queue.drain(..n));
-        if queue.is_empty() && queue.capacity() > 64 {
-            // Give back what a burst grew, so idle connections stay small.
-            queue.shrink_to_fit();
-        }
-    }
-
-    /// Takes the oldest queued record.
-    pub(crate) fn pop(&self) -> Option<Utf8Bytes> {
-        self.queue().pop_front()
-    }
-}
+use crate::mailbox::{Closing, Mailbox, Offer, Sent};
 
 /// The write side of one local connection.
 #[derive(Debug)]
-pub(crate) struct LocalConnection {
+struct LocalConnection {
     mailbox: Arc<Mailbox>,
+    user: UserId,
     groups: Vec<Arc<str>>,
 }
 
-/// What happened to one send.
+/// A user already holds as many connections on this node as allowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Sent {
-    /// Queued for the socket.
-    Queued,
-    /// No such local connection (or it is closing).
-    Gone,
-    /// The connection's queue is full: the client does not read; it is being closed.
-    Overflow,
+pub(crate) struct TooManyConnections {
+    /// The per-user limit.
+    pub(crate) limit: usize,
 }
 
-/// Local connections and groups of this node.
+/// What a delivery to several connections did, so far.
+#[derive(Debug, Default)]
+pub(crate) struct Fanout {
+    /// Connections the record was queued for.
+    pub(crate) queued: usize,
+    /// Connections that were not reading (and are being closed).
+    pub(crate) not_reading: usize,
+    /// Mailboxes that were full: the sender waits for room in them.
+    full: Vec<Arc<Mailbox>>,
+}
+
+impl Fanout {
+    fn count(&mut self, sent: Sent) {
+        match sent {
+            Sent::Queued => self.queued += 1,
+            Sent::NotReading => self.not_reading += 1,
+            Sent::Gone => {}
+        }
+    }
+
+    /// Waits (for at most `wait`, all at once) for room in the mailboxes that were full, and
+    /// queues the record there. Returns the ids of connections closed here for not reading,
+    /// for the caller to log.
+    pub(crate) async fn finish(&mut self, record: &Utf8Bytes, wait: Duration) -> usize {
+        if self.full.is_empty() {
+            return 0;
+        }
+        let full = std::mem::take(&mut self.full);
+        let results = futures_util::future::join_all(
+            full.iter()
+                .map(|mailbox| mailbox.push_waiting(record, wait)),
+        )
+        .await;
+        let mut closed_here = 0;
+        for (sent, closed) in results {
+            self.count(sent);
+            closed_here += usize::from(closed);
+        }
+        closed_here
+    }
+}
+
+/// Local connections, users and groups of this node.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     connections: DashMap<ConnectionId, LocalConnection>,
+    /// Each user's connections on this node. Lock order: `users` before `connections`.
+    users: DashMap<UserId, Vec<ConnectionId>>,
+    /// Members of the groups a hub names. Lock order: `connections` before `groups`.
     groups: DashMap<Arc<str>, HashSet<ConnectionId>>,
 }
 
 impl Registry {
-    /// Registers a connection; returns its mailbox, which holds at most `capacity` records.
-    pub(crate) fn insert(&self, id: ConnectionId, capacity: usize) -> Arc<Mailbox> {
-        let mailbox = Arc::new(Mailbox::new(capacity));
+    /// Registers a connection of `user`; returns its mailbox, which holds at most
+    /// `queue_size` bytes of records. Refused when `user` already has `max_per_user`
+    /// connections here.
+    pub(crate) fn insert(
+        &self,
+        id: ConnectionId,
+        user: &UserId,
+        queue_size: usize,
+        max_per_user: usize,
+    ) -> Result<Arc<Mailbox>, TooManyConnections> {
+        let mut ids = self.users.entry(user.clone()).or_default();
+        if ids.len() >= max_per_user.max(1) {
+            return Err(TooManyConnections {
+                limit: max_per_user.max(1),
+            });
+        }
+        ids.push(id.clone());
+        let mailbox = Arc::new(Mailbox::new(queue_size));
+        // Inserted while the user's entry is locked: a concurrent insert for the same user
+        // sees the count including this one.
         self.connections.insert(
             id,
             LocalConnection {
                 mailbox: mailbox.clone(),
+                user: user.clone(),
                 groups: Vec::new(),
             },
         );
-        mailbox
+        Ok(mailbox)
     }
 
-    /// Unregisters a connection and takes it out of its groups.
+    /// Unregisters a connection, takes it out of its user's index and its groups, and wakes any
+    /// sender waiting for room in its queue.
     pub(crate) fn remove(&self, id: &ConnectionId) {
-        if let Some((_, conn)) = self.connections.remove(id) {
-            for group in conn.groups {
-                self.groups.remove_if_mut(&group, |_, members| {
-                    members.remove(id);
-                    members.is_empty()
-                });
-            }
+        let Some((_, conn)) = self.connections.remove(id) else {
+            return;
+        };
+        conn.mailbox.close(Closing::Gone);
+        self.users.remove_if_mut(&conn.user, |_, ids| {
+            ids.retain(|c| c != id);
+            ids.is_empty()
+        });
+        for group in conn.groups {
+            self.groups.remove_if_mut(&group, |_, members| {
+                members.remove(id);
+                members.is_empty()
+            });
         }
     }
 
@@ -153,11 +141,60 @@ impl Registry {
         self.connections.len()
     }
 
-    /// Queues `record` for one connection without waiting.
-    pub(crate) fn send(&self, id: &ConnectionId, record: &Utf8Bytes) -> Sent {
-        match self.connections.get(id) {
-            Some(conn) => conn.mailbox.push(record),
-            None => Sent::Gone,
+    /// Number of `user`'s connections on this node.
+    pub(crate) fn user_connections(&self, user: &UserId) -> usize {
+        self.users.get(user).map_or(0, |ids| ids.len())
+    }
+
+    /// Offers `record` to each connection without waiting; full ones are kept in `fanout` for
+    /// [`Fanout::finish`].
+    pub(crate) fn offer<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a ConnectionId>,
+        record: &Utf8Bytes,
+        fanout: &mut Fanout,
+    ) {
+        for id in ids {
+            self.offer_one(id, record, fanout);
+        }
+    }
+
+    fn offer_one(&self, id: &ConnectionId, record: &Utf8Bytes, fanout: &mut Fanout) {
+        let Some(conn) = self.connections.get(id) else {
+            return;
+        };
+        match conn.mailbox.offer(record) {
+            Offer::Done(sent) => fanout.count(sent),
+            Offer::Full => fanout.full.push(conn.mailbox.clone()),
+        }
+    }
+
+    /// Offers `record` to every connection of `user` on this node.
+    pub(crate) fn offer_user(&self, user: &UserId, record: &Utf8Bytes, fanout: &mut Fanout) {
+        // Offering takes connection locks while the user's entry is read-locked: the lock
+        // order is users before connections, as in `insert`.
+        if let Some(ids) = self.users.get(user) {
+            self.offer(ids.iter(), record, fanout);
+        }
+    }
+
+    /// Offers `record` to every member of a local group.
+    pub(crate) fn offer_group(&self, group: &str, record: &Utf8Bytes, fanout: &mut Fanout) {
+        let members: Vec<ConnectionId> = self
+            .groups
+            .get(group)
+            .map(|m| m.iter().cloned().collect())
+            .unwrap_or_default();
+        self.offer(&members, record, fanout);
+    }
+
+    /// Offers `record` to every local connection.
+    pub(crate) fn offer_all(&self, record: &Utf8Bytes, fanout: &mut Fanout) {
+        for conn in &self.connections {
+            match conn.mailbox.offer(record) {
+                Offer::Done(sent) => fanout.count(sent),
+                Offer::Full => fanout.full.push(conn.mailbox.clone()),
+            }
         }
     }
 
@@ -170,9 +207,13 @@ impl Registry {
             return true;
         }
         let name: Arc<str> = Arc::from(group);
-        conn.groups.push(name.clone());
-        drop(conn);
-        self.groups.entry(name).or_default().insert(id.clone());
+        // Joined while the connection's entry is locked: a concurrent `remove` either ran
+        // before (and this join fails above) or runs after and sees the group in the list.
+        self.groups
+            .entry(name.clone())
+            .or_default()
+            .insert(id.clone());
+        conn.groups.push(name);
         true
     }
 
@@ -184,25 +225,11 @@ impl Registry {
         let before = conn.groups.len();
         conn.groups.retain(|g| &**g != group);
         let was_member = conn.groups.len() != before;
-        drop(conn);
         self.groups.remove_if_mut(group, |_, members| {
             members.remove(id);
             members.is_empty()
         });
         was_member
-    }
-
-    /// Members of a local group (a copy; the lock is released before returning).
-    pub(crate) fn group_members(&self, group: &str) -> Vec<ConnectionId> {
-        self.groups
-            .get(group)
-            .map(|m| m.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    /// Ids of every local connection (a copy).
-    pub(crate) fn all(&self) -> Vec<ConnectionId> {
-        self.connections.iter().map(|e| e.key().clone()).collect()
     }
 }
 
@@ -214,11 +241,25 @@ mod tests {
         ConnectionId::new(s).expect("valid")
     }
 
+    fn user(s: &str) -> UserId {
+        UserId::new(s).expect("valid")
+    }
+
+    fn members(registry: &Registry, group: &str) -> Vec<ConnectionId> {
+        let mut members: Vec<ConnectionId> = registry
+            .groups
+            .get(group)
+            .map(|m| m.iter().cloned().collect())
+            .unwrap_or_default();
+        members.sort();
+        members
+    }
+
     #[test]
     fn groups_follow_their_members() {
         let registry = Registry::default();
-        let _a = registry.insert(id("a"), 4);
-        let _b = registry.insert(id("b"), 4);
+        let _a = registry.insert(id("a"), &user("ann"), 1024, 8);
+        let _b = registry.insert(id("b"), &user("bob"), 1024, 8);
         assert!(registry.join(&id("a"), "room"));
         assert!(registry.join(&id("b"), "room"));
         assert!(registry.join(&id("b"), "room"), "joining twice is harmless");
@@ -226,64 +267,67 @@ mod tests {
             !registry.join(&id("zz"), "room"),
             "unknown connections cannot join"
         );
-        let mut members = registry.group_members("room");
-        members.sort();
-        assert_eq!(members, [id("a"), id("b")]);
+        assert_eq!(members(&registry, "room"), [id("a"), id("b")]);
         registry.remove(&id("a"));
-        assert_eq!(registry.group_members("room"), [id("b")]);
+        assert_eq!(members(&registry, "room"), [id("b")]);
         assert!(registry.leave(&id("b"), "room"));
-        assert!(registry.group_members("room").is_empty());
+        assert!(members(&registry, "room").is_empty());
         assert!(registry.groups.is_empty(), "empty groups are deleted");
     }
 
     #[test]
-    fn records_queue_in_order_and_come_out_in_batches() {
+    fn users_are_indexed_apart_from_groups() {
         let registry = Registry::default();
-        let mailbox = registry.insert(id("a"), 8);
-        for text in ["1", "2", "3"] {
-            assert_eq!(
-                registry.send(&id("a"), &Utf8Bytes::from_static(text)),
-                Sent::Queued
-            );
+        let bob = registry
+            .insert(id("b1"), &user("bob"), 1024, 8)
+            .expect("room");
+        let _eve = registry.insert(id("e1"), &user("eve"), 1024, 8);
+        // Whatever name a client picks for a group, it is only a group.
+        for name in ["\u{0}user:bob", "user:bob", "bob"] {
+            assert!(registry.join(&id("e1"), name));
         }
-        assert_eq!(
-            futures_util::FutureExt::now_or_never(mailbox.ready()),
-            Some(MailboxEvent::Ready)
-        );
-        let mut batch = Vec::new();
-        mailbox.take(&mut batch, 2);
-        assert_eq!(batch, ["1", "2"]);
-        assert_eq!(mailbox.pop().as_deref(), Some("3"));
-        assert_eq!(mailbox.pop(), None);
-        assert_eq!(
-            registry.send(&id("nobody"), &Utf8Bytes::from_static("x")),
-            Sent::Gone
+        let record = Utf8Bytes::from_static("{}\u{1e}");
+        let mut fanout = Fanout::default();
+        registry.offer_user(&user("bob"), &record, &mut fanout);
+        assert_eq!(fanout.queued, 1);
+        assert_eq!(bob.pop().as_deref(), Some("{}\u{1e}"));
+        for name in ["\u{0}user:bob", "user:bob", "bob"] {
+            assert_eq!(members(&registry, name), [id("e1")]);
+        }
+        assert_eq!(registry.user_connections(&user("bob")), 1);
+        registry.remove(&id("b1"));
+        assert_eq!(registry.user_connections(&user("bob")), 0);
+        assert!(
+            !registry.users.contains_key(&user("bob")),
+            "users without connections are dropped"
         );
     }
 
     #[test]
-    fn a_full_queue_reports_overflow_and_wakes_the_session() {
+    fn a_user_holds_at_most_the_allowed_connections() {
         let registry = Registry::default();
-        let mailbox = registry.insert(id("a"), 1);
-        let record = Utf8Bytes::from_static("{}\u{1e}");
-        assert_eq!(registry.send(&id("a"), &record), Sent::Queued);
-        assert_eq!(registry.send(&id("a"), &record), Sent::Overflow);
+        assert!(registry.insert(id("a1"), &user("ann"), 1024, 2).is_ok());
+        assert!(registry.insert(id("a2"), &user("ann"), 1024, 2).is_ok());
         assert_eq!(
-            futures_util::FutureExt::now_or_never(mailbox.ready()),
-            Some(MailboxEvent::Overflowed)
+            registry.insert(id("a3"), &user("ann"), 1024, 2).err(),
+            Some(TooManyConnections { limit: 2 })
         );
+        assert!(registry.insert(id("b1"), &user("bob"), 1024, 2).is_ok());
+        registry.remove(&id("a1"));
+        assert!(registry.insert(id("a3"), &user("ann"), 1024, 2).is_ok());
+        assert_eq!(registry.len(), 3);
     }
 
-    #[tokio::test]
-    async fn a_waiting_session_is_woken_by_a_send() {
-        let registry = Arc::new(Registry::default());
-        let mailbox = registry.insert(id("a"), 4);
-        let waiter = tokio::spawn(async move { mailbox.ready().await });
-        tokio::task::yield_now().await;
-        assert_eq!(
-            registry.send(&id("a"), &Utf8Bytes::from_static("x")),
-            Sent::Queued
-        );
-        assert_eq!(waiter.await.expect("no panic"), MailboxEvent::Ready);
+    #[test]
+    fn a_removed_connection_is_gone_for_senders() {
+        let registry = Registry::default();
+        let mailbox = registry
+            .insert(id("a"), &user("ann"), 1024, 8)
+            .expect("room");
+        registry.remove(&id("a"));
+        assert_eq!(mailbox.closing(), Some(Closing::Gone));
+        let mut fanout = Fanout::default();
+        registry.offer(&[id("a")], &Utf8Bytes::from_static("x"), &mut fanout);
+        assert_eq!((fanout.queued, fanout.not_reading), (0, 0));
     }
 }

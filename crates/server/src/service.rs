@@ -2,52 +2,32 @@
 //! wiring to the store, node leases, and graceful shutdown.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::ws::{WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use dashmap::DashMap;
-use dashmap::mapref::entry::Entry;
 use rand::Rng as _;
 use serde_json::json;
-use switchboard_core::{ConnectionId, ConnectionStore, NodeId, UserId};
-use tokio::sync::{Notify, mpsc, watch};
+use switchboard_core::{ConnectionId, ConnectionRecord, ConnectionStore, NodeId, UserId};
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::auth::{self, Authenticator};
 use crate::config::HubOptions;
+use crate::deadline::WithDeadline;
 use crate::delivery::Core;
 use crate::hub::{ClientProxy, Hub, Target};
-use crate::session::{self, ConnectionInfo};
-
-/// State of a connection token handed out by negotiate.
-#[derive(Debug)]
-pub(crate) enum TokenState {
-    /// Negotiated; waiting for its WebSocket until `expires`.
-    Pending {
-        id: ConnectionId,
-        user: UserId,
-        user_agent: Option<String>,
-        expires: Instant,
-        /// The client asked for stateful reconnect and it was granted.
-        stateful: bool,
-    },
-    /// A WebSocket is attached (or, for stateful connections, was and may come back).
-    Attached {
-        user: UserId,
-        /// Hands a new transport to a stateful connection's session.
-        reattach: Option<mpsc::Sender<WebSocket>>,
-    },
-}
+use crate::session::{self, ConnectionInfo, too_many_connections};
+use crate::tokens::{ClaimError, Claimed, PendingRefusal, PendingToken, Tokens};
 
 /// Counts live sessions so shutdown can wait for their cleanup.
 #[derive(Debug, Default)]
@@ -91,12 +71,9 @@ pub(crate) struct Inner {
     pub(crate) hub: Hub,
     pub(crate) options: HubOptions,
     pub(crate) auth: Authenticator,
-    pub(crate) tokens: DashMap<Box<str>, TokenState>,
+    pub(crate) tokens: Tokens,
     pub(crate) shutdown: watch::Sender<bool>,
     pub(crate) active: ActiveSessions,
-    negotiations: AtomicU64,
-    /// Tokens in the `Pending` state.
-    pending: AtomicUsize,
 }
 
 impl Inner {
@@ -107,11 +84,7 @@ impl Inner {
 
     /// The connection did not turn on stateful reconnect: later transports get 409.
     pub(crate) fn forbid_reattach(&self, token: &str) {
-        if let Some(mut state) = self.tokens.get_mut(token)
-            && let TokenState::Attached { reattach, .. } = &mut *state
-        {
-            *reattach = None;
-        }
+        self.tokens.forbid_reattach(token);
     }
 }
 
@@ -127,7 +100,7 @@ pub struct HubService {
 
 impl HubService {
     /// A hub service recording connections in `store` as node `node`, authenticating with
-    /// `auth`.
+    /// `auth`. Every store call gets [`HubOptions::store_timeout`] as its deadline.
     pub fn new(
         hub: Hub,
         store: Arc<dyn ConnectionStore>,
@@ -136,17 +109,17 @@ impl HubService {
         options: HubOptions,
     ) -> Self {
         let (shutdown, _) = watch::channel(false);
+        let store: Arc<dyn ConnectionStore> =
+            Arc::new(WithDeadline::new(store, options.store_timeout));
         Self {
             inner: Arc::new(Inner {
-                core: Arc::new(Core::new(store, node)),
+                core: Arc::new(Core::new(store, node, options.send_timeout)),
                 hub,
                 options,
                 auth,
-                tokens: DashMap::new(),
+                tokens: Tokens::default(),
                 shutdown,
                 active: ActiveSessions::default(),
-                negotiations: AtomicU64::new(0),
-                pending: AtomicUsize::new(0),
             }),
         }
     }
@@ -159,7 +132,7 @@ impl HubService {
             .with_state(self.inner.clone())
     }
 
-    /// The store connections are recorded in.
+    /// The store connections are recorded in (behind the store-call deadline).
     pub fn store(&self) -> &Arc<dyn ConnectionStore> {
         &self.inner.core.store
     }
@@ -313,12 +286,29 @@ fn unauthorized(message: &str) -> Response {
     response
 }
 
-fn user_agent(headers: &HeaderMap) -> Option<String> {
-    headers
+/// The client's user agent, cut at the edge to what a record keeps: an oversized header never
+/// stays in memory past the request.
+fn user_agent(headers: &HeaderMap) -> Option<Arc<str>> {
+    let raw = headers
         .get("x-signalr-user-agent")
         .or_else(|| headers.get(header::USER_AGENT))
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+        .and_then(|v| v.to_str().ok())?;
+    let cut = ConnectionRecord::cut_user_agent(raw.trim());
+    (!cut.is_empty()).then(|| Arc::from(cut))
+}
+
+/// Refuses a request of a user who already holds (or is opening) as many connections as
+/// allowed.
+fn check_user_connections(inner: &Inner, user: &UserId) -> Result<(), Box<Response>> {
+    let limit = inner.options.max_connections_per_user.max(1);
+    let held = inner.core.registry.user_connections(user) + inner.tokens.pending_for(user);
+    if held >= limit {
+        return Err(Box::new(error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            &too_many_connections(limit),
+        )));
+    }
+    Ok(())
 }
 
 async fn negotiate(
@@ -343,43 +333,48 @@ async fn negotiate(
             }
         },
     };
-    let now = Instant::now();
-    if inner.negotiations.fetch_add(1, Ordering::Relaxed) % 1024 == 0 {
-        inner.tokens.retain(|_, state| match state {
-            TokenState::Pending { expires, .. } if *expires <= now => {
-                inner.pending.fetch_sub(1, Ordering::Relaxed);
-                false
-            }
-            _ => true,
-        });
-    }
-    if inner.pending.load(Ordering::Relaxed) >= inner.options.max_pending_negotiations {
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many connections are being negotiated; try again later",
-        );
+    if let Err(response) = check_user_connections(&inner, &user) {
+        return *response;
     }
     let stateful = inner.options.stateful_reconnect
         && version >= 1
         && query_param(query.as_deref(), "useStatefulReconnect") == Some("true");
     let id = new_connection_id();
     // Version 0 clients put the connection id itself into `id=`.
-    let token: String = if version == 0 {
-        id.to_string()
+    let token: Arc<str> = if version == 0 {
+        Arc::from(id.as_str())
     } else {
-        random_token(32)
+        Arc::from(random_token(32))
     };
-    inner.pending.fetch_add(1, Ordering::Relaxed);
-    inner.tokens.insert(
-        token.clone().into_boxed_str(),
-        TokenState::Pending {
-            id: id.clone(),
-            user,
-            user_agent: user_agent(&headers),
-            expires: now + inner.options.negotiate_ttl,
-            stateful,
-        },
-    );
+    let now = Instant::now();
+    let pending = PendingToken {
+        id: id.clone(),
+        user,
+        user_agent: user_agent(&headers),
+        stateful,
+    };
+    if let Err(refusal) = inner.tokens.add_pending(
+        token.clone(),
+        pending,
+        now + inner.options.negotiate_ttl,
+        now,
+        inner.options.max_pending_negotiations,
+        inner.options.max_pending_negotiations_per_user,
+    ) {
+        return match refusal {
+            PendingRefusal::Total(_) => error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many connections are being negotiated; try again later",
+            ),
+            PendingRefusal::User(limit) => error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "too many connections of this user are being negotiated (at most {limit} at once); \
+                     connect the ones already negotiated or wait for them to expire"
+                ),
+            ),
+        };
+    }
     let transports = json!([{ "transport": "WebSockets", "transferFormats": ["Text", "Binary"] }]);
     let mut body = if version == 0 {
         json!({ "negotiateVersion": 0, "connectionId": id.as_str(), "availableTransports": transports })
@@ -387,7 +382,7 @@ async fn negotiate(
         json!({
             "negotiateVersion": 1,
             "connectionId": id.as_str(),
-            "connectionToken": token,
+            "connectionToken": &*token,
             "availableTransports": transports,
         })
     };
@@ -413,25 +408,59 @@ async fn connect(
     };
     let (info, reattach) = match query_param(query.as_deref(), "id") {
         // skipNegotiation: the connection starts with the upgrade.
-        None => (
-            ConnectionInfo {
-                id: new_connection_id(),
-                token: None,
-                user,
-                user_agent: user_agent(&headers),
-            },
-            None,
-        ),
-        Some(token) => match claim_token(&inner, token, &user) {
-            Ok(Claim::New(info, reattach)) => (info, reattach),
-            Ok(Claim::Reattach(sender)) => {
+        None => {
+            if let Err(response) = check_user_connections(&inner, &user) {
+                return *response;
+            }
+            (
+                ConnectionInfo {
+                    id: new_connection_id(),
+                    token: None,
+                    user,
+                    user_agent: user_agent(&headers),
+                },
+                None,
+            )
+        }
+        Some(token) => match inner.tokens.claim(token, &user, Instant::now()) {
+            Ok((
+                token,
+                Claimed::New {
+                    id,
+                    user_agent,
+                    reattach,
+                },
+            )) => (
+                ConnectionInfo {
+                    id,
+                    token: Some(token),
+                    user,
+                    user_agent,
+                },
+                reattach,
+            ),
+            Ok((_, Claimed::Reattach(sender))) => {
                 return configure(upgrade, &inner.options).on_upgrade(move |socket| async move {
                     if sender.send(socket).await.is_err() {
                         tracing::debug!("the connection ended before its client re-attached");
                     }
                 });
             }
-            Err(response) => return *response,
+            Err(ClaimError::NotFound) => {
+                return error_response(StatusCode::NOT_FOUND, "no such connection");
+            }
+            Err(ClaimError::OtherUser) => {
+                return error_response(
+                    StatusCode::FORBIDDEN,
+                    "this connection belongs to another user",
+                );
+            }
+            Err(ClaimError::Attached) => {
+                return error_response(
+                    StatusCode::CONFLICT,
+                    "a transport is already attached to this connection",
+                );
+            }
         },
     };
     let failed_token = info.token.clone();
@@ -464,78 +493,6 @@ fn configure(upgrade: WebSocketUpgrade, options: &HubOptions) -> WebSocketUpgrad
         .max_frame_size(options.max_record_size.saturating_mul(4))
 }
 
-/// What presenting a connection token leads to.
-enum Claim {
-    /// The first transport of a negotiated connection.
-    New(ConnectionInfo, Option<session::Reattach>),
-    /// A new transport for a live stateful connection.
-    Reattach(mpsc::Sender<WebSocket>),
-}
-
-/// Attaches a WebSocket to a negotiated connection: 404 unknown or expired, 409 already
-/// attached (unless the connection is stateful: then the new transport takes over), 403
-/// negotiated by another user.
-fn claim_token(inner: &Inner, token: &str, user: &UserId) -> Result<Claim, Box<Response>> {
-    let not_found = || Box::new(error_response(StatusCode::NOT_FOUND, "no such connection"));
-    let other_user = || {
-        Box::new(error_response(
-            StatusCode::FORBIDDEN,
-            "this connection belongs to another user",
-        ))
-    };
-    let Entry::Occupied(mut entry) = inner.tokens.entry(Box::from(token)) else {
-        return Err(not_found());
-    };
-    match entry.get() {
-        TokenState::Attached { user: owner, .. } if owner != user => Err(other_user()),
-        TokenState::Attached {
-            reattach: Some(sender),
-            ..
-        } => Ok(Claim::Reattach(sender.clone())),
-        TokenState::Attached { reattach: None, .. } => Err(Box::new(error_response(
-            StatusCode::CONFLICT,
-            "a transport is already attached to this connection",
-        ))),
-        TokenState::Pending { expires, .. } if *expires <= Instant::now() => {
-            entry.remove();
-            inner.pending.fetch_sub(1, Ordering::Relaxed);
-            Err(not_found())
-        }
-        TokenState::Pending { user: owner, .. } if owner != user => Err(other_user()),
-        TokenState::Pending { stateful, .. } => {
-            let (sender, receiver) = if *stateful {
-                let (tx, rx) = mpsc::channel(1);
-                (Some(tx), Some(rx))
-            } else {
-                (None, None)
-            };
-            let attached = TokenState::Attached {
-                user: user.clone(),
-                reattach: sender,
-            };
-            let TokenState::Pending {
-                id,
-                user_agent,
-                user,
-                ..
-            } = entry.insert(attached)
-            else {
-                return Err(not_found());
-            };
-            inner.pending.fetch_sub(1, Ordering::Relaxed);
-            Ok(Claim::New(
-                ConnectionInfo {
-                    id,
-                    token: Some(Box::from(token)),
-                    user,
-                    user_agent,
-                },
-                receiver,
-            ))
-        }
-    }
-}
-
 /// Issues development tokens; only routed when the server runs with `--dev`.
 pub(crate) async fn dev_token(
     State(auth): State<Authenticator>,
@@ -566,6 +523,28 @@ mod tests {
         assert_eq!(query_param(Some("x=1&id="), "id"), Some(""));
         assert_eq!(query_param(Some("idx=1"), "id"), None);
         assert_eq!(query_param(None, "id"), None);
+    }
+
+    #[test]
+    fn an_oversized_user_agent_is_cut_where_it_is_read() {
+        let mut headers = HeaderMap::new();
+        let huge = format!("Mozilla/5.0 {}", "x".repeat(380 * 1024));
+        headers.insert(
+            "x-signalr-user-agent",
+            header::HeaderValue::from_str(&huge).expect("a valid header value"),
+        );
+        let kept = user_agent(&headers).expect("a user agent");
+        assert!(
+            kept.len() <= ConnectionRecord::MAX_USER_AGENT,
+            "{}",
+            kept.len()
+        );
+        assert!(kept.starts_with("Mozilla/5.0 x"));
+        headers.insert(
+            "x-signalr-user-agent",
+            header::HeaderValue::from_static("  "),
+        );
+        assert_eq!(user_agent(&headers), None, "a blank user agent is none");
     }
 
     #[test]
