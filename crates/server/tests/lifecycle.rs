@@ -214,10 +214,19 @@ struct FlakyStore {
     inner: MemoryStore,
     down: AtomicBool,
     slow_adds: AtomicBool,
+    /// Every call waits forever, like a database that stopped answering.
+    hung: AtomicBool,
+    /// New connections are refused by policy.
+    refusing: AtomicBool,
+    /// New connections fail with a permanent error.
+    broken: AtomicBool,
 }
 
 impl FlakyStore {
-    fn check(&self) -> Result<(), StoreError> {
+    async fn check(&self) -> Result<(), StoreError> {
+        if self.hung.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable {
                 message: "connection refused".into(),
@@ -234,22 +243,28 @@ impl ConnectionStore for FlakyStore {
         self.inner.capabilities()
     }
     async fn add(&self, record: ConnectionRecord) -> Result<(), StoreError> {
-        self.check()?;
+        self.check().await?;
+        if self.refusing.load(Ordering::SeqCst) {
+            return Err(StoreError::refused("You are banned from this chat."));
+        }
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(StoreError::Corrupt("a bad row".into()));
+        }
         if self.slow_adds.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.inner.add(record).await
     }
     async fn remove(&self, user: &UserId, id: &ConnectionId) -> Result<Removal, StoreError> {
-        self.check()?;
+        self.check().await?;
         self.inner.remove(user, id).await
     }
     async fn reconnect(&self, record: ConnectionRecord) -> Result<(), StoreError> {
-        self.check()?;
+        self.check().await?;
         self.inner.reconnect(record).await
     }
     async fn connections(&self, user: &UserId) -> Result<Vec<ConnectionRecord>, StoreError> {
-        self.check()?;
+        self.check().await?;
         self.inner.connections(user).await
     }
     async fn counts(&self) -> Result<switchboard_core::Counts, StoreError> {
@@ -316,10 +331,71 @@ async fn a_store_that_went_away_gives_clear_errors_and_loses_nothing() {
 }
 
 #[tokio::test]
+async fn a_refusal_or_a_permanent_store_error_is_a_clear_error_without_a_retry_invitation() {
+    let store = Arc::new(FlakyStore::default());
+    let server = TestServer::start_with(
+        switchboard::chat::hub(),
+        store.clone(),
+        HubOptions::default(),
+    )
+    .await;
+    for (flag, expected) in [
+        (&store.refusing, "You are banned from this chat."),
+        (&store.broken, "The server could not record the connection."),
+    ] {
+        flag.store(true, Ordering::SeqCst);
+        let mut client = server.open_as("carol").await;
+        client
+            .send_record(r#"{"protocol":"json","version":1}"#)
+            .await;
+        // A handshake error: the client's start() fails with the reason and it does not
+        // reconnect by itself.
+        let reply = client.next_text().await.expect("handshake answer");
+        assert_eq!(reply, format!("{}\u{1e}", json!({ "error": expected })));
+        assert!(client.next_text().await.is_none(), "the socket closes");
+        flag.store(false, Ordering::SeqCst);
+    }
+    server.wait_for_connections(0).await;
+    let _carol = server.connect("carol").await;
+}
+
+#[tokio::test]
+async fn a_store_that_hangs_never_hangs_a_connect_or_a_call() {
+    let store = Arc::new(FlakyStore::default());
+    let server = TestServer::start_with(
+        switchboard::chat::hub(),
+        store.clone(),
+        HubOptions::default().with_store_timeout(Duration::from_millis(300)),
+    )
+    .await;
+    let mut alice = server.connect("alice").await;
+    store.hung.store(true, Ordering::SeqCst);
+    let completion = alice
+        .invoke("1", "SendChatMessage", json!(["bob", "anyone?"]))
+        .await;
+    assert_eq!(
+        completion["error"],
+        "Failed to invoke 'SendChatMessage': the connection store is unavailable; try again later."
+    );
+    let mut late = server.open_as("bob").await;
+    late.handshake().await;
+    let close = late.expect_close().await;
+    assert_eq!(
+        close["allowReconnect"], true,
+        "a timeout is worth retrying: {close}"
+    );
+    store.hung.store(false, Ordering::SeqCst);
+    let completion = alice
+        .invoke("2", "SendChatMessage", json!(["alice", "back"]))
+        .await;
+    assert!(completion.get("error").is_none(), "{completion}");
+}
+
+#[tokio::test]
 async fn a_client_that_stops_reading_is_dropped_and_others_are_unaffected() {
     let server = TestServer::start(
         HubOptions::default()
-            .with_send_queue_capacity(8)
+            .with_send_queue_size(8 * 1024)
             .with_client_timeout(Duration::from_secs(2)),
     )
     .await;

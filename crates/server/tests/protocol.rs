@@ -39,6 +39,50 @@ async fn handshake_version_2_is_accepted() {
 }
 
 #[tokio::test]
+async fn every_handshake_version_up_to_2_is_accepted_as_asp_net_core_does() {
+    // Python's `signalrcore` sends version 0 by default.
+    let server = TestServer::start(options()).await;
+    for version in [0, 1, 2] {
+        let mut client = server.open_as("alice").await;
+        client
+            .send_record(&format!(r#"{{"protocol":"json","version":{version}}}"#))
+            .await;
+        assert_eq!(
+            client.next_text().await.as_deref(),
+            Some("{}\u{1e}"),
+            "version {version}"
+        );
+        let completion = client
+            .invoke("1", "SendChatMessage", json!(["alice", "hi"]))
+            .await;
+        assert!(
+            completion.get("error").is_none(),
+            "version {version}: {completion}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_messagepack_handshake_in_a_binary_frame_is_told_messagepack_is_not_supported() {
+    // What both popular Python clients send when asked for MessagePack.
+    let server = TestServer::start(options()).await;
+    let mut client = server.open_as("alice").await;
+    client
+        .ws
+        .send(Message::binary(
+            b"{\"protocol\":\"messagepack\",\"version\":1}\x1e".to_vec(),
+        ))
+        .await
+        .expect("send");
+    let reply = client.next_text().await.expect("handshake error");
+    assert!(
+        reply.contains("The protocol 'messagepack' is not supported; this server speaks 'json'."),
+        "{reply}"
+    );
+    assert!(client.next_text().await.is_none(), "the socket closes");
+}
+
+#[tokio::test]
 async fn messagepack_is_refused_in_the_handshake() {
     let server = TestServer::start(options()).await;
     let mut client = server.open_as("alice").await;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{RawClient, TestServer};
+use common::{TestServer, ask_for_stateful, attach, connect_stateful, negotiate_stateful};
 use serde_json::{Value, json};
 use switchboard::HubOptions;
 use switchboard_core::UserId;
@@ -15,49 +15,6 @@ use switchboard_memory::MemoryStore;
 
 fn options(window: Duration) -> HubOptions {
     HubOptions::default().with_stateful_reconnect(true, window)
-}
-
-/// Negotiates as `user`, asking for stateful reconnect; returns the answer.
-async fn ask_for_stateful(server: &TestServer, user: &str) -> Value {
-    let auth = format!("Bearer {}", server.token(user));
-    let (status, body) = server
-        .http(
-            "POST",
-            "/hubs/chat/negotiate?negotiateVersion=1&useStatefulReconnect=true",
-            &[("authorization", &auth)],
-            "",
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).expect("JSON")
-}
-
-/// Negotiates stateful reconnect as `user`; returns the connection token.
-async fn negotiate_stateful(server: &TestServer, user: &str) -> String {
-    let answer = ask_for_stateful(server, user).await;
-    assert_eq!(answer["useStatefulReconnect"], true);
-    answer["connectionToken"]
-        .as_str()
-        .expect("token")
-        .to_owned()
-}
-
-/// Negotiates stateful reconnect as `user`, attaches and handshakes with version 2.
-async fn connect_stateful(server: &TestServer, user: &str) -> (String, RawClient) {
-    let token = negotiate_stateful(server, user).await;
-    let mut client = attach(server, user, &token).await;
-    client
-        .send_record(r#"{"protocol":"json","version":2}"#)
-        .await;
-    assert_eq!(client.next_text().await.as_deref(), Some("{}\u{1e}"));
-    (token, client)
-}
-
-async fn attach(server: &TestServer, user: &str, token: &str) -> RawClient {
-    server
-        .open(&format!("?id={token}"), Some(&server.token(user)))
-        .await
-        .expect("attach")
 }
 
 fn chat(text: &str) -> Value {

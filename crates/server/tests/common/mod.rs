@@ -68,12 +68,34 @@ impl TestServer {
         .await
     }
 
+    /// The chat hub, serving the browser client from `vendor_dir`.
+    pub async fn start_vendor(vendor_dir: std::path::PathBuf) -> Self {
+        Self::start_inner(
+            chat::hub(),
+            Arc::new(MemoryStore::new()),
+            HubOptions::default(),
+            HttpLimits::default(),
+            Some(vendor_dir),
+        )
+        .await
+    }
+
     /// Any hub on any store, behind `limits`.
     pub async fn start_full(
         hub: Hub,
         store: Arc<dyn ConnectionStore>,
         options: HubOptions,
         limits: HttpLimits,
+    ) -> Self {
+        Self::start_inner(hub, store, options, limits, None).await
+    }
+
+    async fn start_inner(
+        hub: Hub,
+        store: Arc<dyn ConnectionStore>,
+        options: HubOptions,
+        limits: HttpLimits,
+        vendor_dir: Option<std::path::PathBuf>,
     ) -> Self {
         let auth = Authenticator::new(JwtConfig::new(SECRET).expect("strong secret"));
         let service = HubService::new(hub, store.clone(), node("test-node"), auth.clone(), options);
@@ -82,7 +104,7 @@ impl TestServer {
             &auth,
             &AppOptions {
                 dev_tokens: true,
-                vendor_dir: None,
+                vendor_dir,
             },
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -139,6 +161,34 @@ impl TestServer {
             Ok(Err(tungstenite::Error::Http(response))) => Err(response.status().as_u16()),
             Ok(Err(e)) => panic!("WebSocket connect failed: {e}"),
         }
+    }
+
+    /// A connected, handshaken client of `user` whose socket has a small receive buffer, so
+    /// that a client reading slowly holds back the server's writes soon.
+    pub async fn connect_with_small_receive_buffer(&self, user: &str) -> RawClient {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("receive buffer");
+        let stream = socket.connect(self.addr).await.expect("connect");
+        let mut request = self
+            .ws_url("")
+            .into_client_request()
+            .expect("valid request");
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.token(user))
+                .parse()
+                .expect("header value"),
+        );
+        let (ws, _) = tokio::time::timeout(
+            PATIENCE,
+            tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream)),
+        )
+        .await
+        .expect("connect in time")
+        .expect("upgrade");
+        let mut client = RawClient { ws };
+        client.handshake().await;
+        client
     }
 
     /// A WebSocket of `user` before the handshake (skipNegotiation).
@@ -389,6 +439,71 @@ impl RawClient {
             if message["type"] == 3 && message["invocationId"] == id {
                 return message;
             }
+            assert_ne!(
+                message["type"], 7,
+                "the connection closed while waiting for the Completion of {target}: {message}"
+            );
         }
     }
+}
+
+/// A token with exactly this header and these claims (JSON text), signed with [`SECRET`].
+pub fn sign_raw(header: &str, claims: &str) -> String {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use hmac::Mac as _;
+    let input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header),
+        URL_SAFE_NO_PAD.encode(claims)
+    );
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).expect("any key");
+    mac.update(input.as_bytes());
+    format!(
+        "{input}.{}",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    )
+}
+
+/// Negotiates as `user`, asking for stateful reconnect; returns the answer.
+pub async fn ask_for_stateful(server: &TestServer, user: &str) -> Value {
+    let auth = format!("Bearer {}", server.token(user));
+    let (status, body) = server
+        .http(
+            "POST",
+            "/hubs/chat/negotiate?negotiateVersion=1&useStatefulReconnect=true",
+            &[("authorization", &auth)],
+            "",
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("JSON")
+}
+
+/// Negotiates stateful reconnect as `user`; returns the connection token.
+pub async fn negotiate_stateful(server: &TestServer, user: &str) -> String {
+    let answer = ask_for_stateful(server, user).await;
+    assert_eq!(answer["useStatefulReconnect"], true);
+    answer["connectionToken"]
+        .as_str()
+        .expect("token")
+        .to_owned()
+}
+
+/// Negotiates stateful reconnect as `user`, attaches and handshakes with version 2.
+pub async fn connect_stateful(server: &TestServer, user: &str) -> (String, RawClient) {
+    let token = negotiate_stateful(server, user).await;
+    let mut client = attach(server, user, &token).await;
+    client
+        .send_record(r#"{"protocol":"json","version":2}"#)
+        .await;
+    assert_eq!(client.next_text().await.as_deref(), Some("{}\u{1e}"));
+    (token, client)
+}
+
+pub async fn attach(server: &TestServer, user: &str, token: &str) -> RawClient {
+    server
+        .open(&format!("?id={token}"), Some(&server.token(user)))
+        .await
+        .expect("attach")
 }
