@@ -17,4 +17,4 @@ echo "Open $URL in your browser"
 if have xdg-open; then
   (sleep 3 && xdg-open "$URL" >/dev/null 2>&1 || true) &
 fi
-exec cargo run -p switchboard -- serve --store memory --dev --listen 127.0.0.1:5000
+exec cargo run -p switchboard --bin switchboard -- serve --store memory --dev --listen 127.0.0.1:5000

@@ -71,6 +71,52 @@ build_server() {
   SWITCHBOARD_BIN="$REPO_ROOT/target/debug/switchboard"
 }
 
+# Runs the README's first command (scripts/run.sh) the way a newcomer does, checks that it
+# serves the chat page and the SignalR browser client, and stops it.
+check_run_command() {
+  section "The README's run command: bash scripts/run.sh"
+  local url="http://127.0.0.1:5000" log pid ok=0 page
+  if curl -fsS -o /dev/null --max-time 2 "$url/" 2>/dev/null; then
+    die "something already listens on $url: stop it, so the run command can be checked"
+  fi
+  log="$(mktemp)"
+  TEMP_FILES+=("$log")
+  # Its own session and process group, so stopping it stops cargo and the server alike.
+  setsid bash "$REPO_ROOT/scripts/run.sh" >"$log" 2>&1 </dev/null &
+  pid=$!
+  for _ in $(seq 1 180); do
+    if curl -fsS -o /dev/null --max-time 2 "$url/" 2>/dev/null; then
+      ok=1
+      break
+    fi
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 1
+  done
+  if [ "$ok" = 1 ]; then
+    page="$(curl -fsS --max-time 5 "$url/")"
+    case "$page" in
+      *'/vendor/signalr.min.js'*) ;;
+      *) ok=0; info "the page at $url/ does not load the SignalR browser client" ;;
+    esac
+    if ! curl -fsS --max-time 5 "$url/vendor/signalr.min.js" | grep -q 'signalR'; then
+      ok=0
+      info "$url/vendor/signalr.min.js is not the SignalR browser client"
+    fi
+  fi
+  kill -TERM -- "-$pid" 2>/dev/null || true
+  for _ in $(seq 1 20); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.5
+  done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  if [ "$ok" != 1 ]; then
+    tail -n 20 "$log" >&2
+    die "bash scripts/run.sh did not serve the chat page and the browser client at $url"
+  fi
+  info "bash scripts/run.sh served $url/ and /vendor/signalr.min.js"
+}
+
 run_js_tests() {
   section "End-to-end tests: node --test web/tests/"
   local started=$SECONDS report status=0
@@ -98,6 +144,7 @@ main() {
   ensure_node_modules
   run_rust_checks
   build_server
+  check_run_command
   run_js_tests
 }
 
