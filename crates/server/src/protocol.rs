@@ -83,6 +83,12 @@ struct HandshakeRequest<'a> {
     version: Option<i64>,
 }
 
+/// Whether `record` starts like a JSON object. serde reads a struct from a JSON array too
+/// (`[6]` as `{"type":6}`), which the protocol does not allow, so records are checked first.
+fn is_object(record: &[u8]) -> bool {
+    record.trim_ascii_start().first() == Some(&b'{')
+}
+
 /// Newest version of the JSON hub protocol this server speaks.
 pub const MAX_VERSION: i64 = 2;
 
@@ -95,6 +101,11 @@ pub const MAX_VERSION: i64 = 2;
 ///
 /// [`ProtocolError::Handshake`] with a text the client will see.
 pub fn parse_handshake(record: &[u8]) -> Result<u8, ProtocolError> {
+    if !is_object(record) {
+        return Err(ProtocolError::Handshake(
+            "the handshake is not a JSON object".into(),
+        ));
+    }
     let request: HandshakeRequest<'_> = serde_json::from_slice(record)
         .map_err(|e| ProtocolError::Handshake(format!("the handshake is not valid JSON: {e}")))?;
     let protocol = request
@@ -219,6 +230,9 @@ fn check_invocation_id(id: &str) -> Result<(), ProtocolError> {
 ///
 /// [`ProtocolError::InvalidMessage`] when the record is not a JSON object of a known shape.
 pub fn parse_message(record: &[u8]) -> Result<ClientMessage<'_>, ProtocolError> {
+    if !is_object(record) {
+        return Err(invalid("the message is not a JSON object"));
+    }
     let msg: Incoming<'_> = serde_json::from_slice(record).map_err(|e| invalid(format!("{e}")))?;
     let kind = msg
         .kind
@@ -466,6 +480,37 @@ mod tests {
         assert!(parse_handshake(b"not json").is_err());
         assert!(parse_handshake(br#"{"type":6}"#).is_err());
         assert_eq!(handshake_error("x"), "{\"error\":\"x\"}\u{1e}");
+    }
+
+    #[test]
+    fn records_must_be_json_objects() {
+        // serde would read these arrays as the structs' fields in order.
+        for bad in [
+            &b"[6]"[..],
+            b"[10]",
+            b" [1,null,\"x\",[]]",
+            b"[8,null,null,null,null,3]",
+        ] {
+            assert_eq!(
+                parse_message(bad).map(|_| ()),
+                Err(invalid("the message is not a JSON object")),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(matches!(
+            parse_message(b" \r\n\t{\"type\":6} "),
+            Ok(ClientMessage::Ping)
+        ));
+        let err = parse_handshake(br#"["json",1]"#).expect_err("an array is refused");
+        assert_eq!(
+            err,
+            ProtocolError::Handshake("the handshake is not a JSON object".into())
+        );
+        assert_eq!(
+            parse_handshake(b"\n {\"protocol\":\"json\",\"version\":2}"),
+            Ok(2)
+        );
     }
 
     #[test]
