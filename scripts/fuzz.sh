@@ -15,7 +15,8 @@
 # Environment:
 #   FUZZ_SECONDS     seconds per target in smoke mode (default 5)
 #   FUZZ_SANITIZER   cargo fuzz --sanitizer (default none: the code under test
-#                    is safe Rust, and AddressSanitizer makes runs 3-10x slower)
+#                    is safe Rust, and AddressSanitizer cuts executions per
+#                    second by 2-8x)
 #   FUZZ_ARGS        extra libFuzzer flags for every target, e.g. -max_len=1024
 #
 # The targets need compiler flags that only nightly Rust accepts; the stable
