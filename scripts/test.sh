@@ -10,6 +10,7 @@
 #                     (default: target/debug/switchboard, built here)
 #   CHROMIUM_PATH     Chromium for the browser tests (default: /usr/bin/chromium)
 #   SKIP_RUST=1       skip fmt, clippy and cargo test (still builds the binary)
+#   SKIP_FUZZ=1       skip the fuzz smoke run (a few seconds per target)
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -136,6 +137,15 @@ run_js_tests() {
   return "$status"
 }
 
+run_fuzz_smoke() {
+  if [ "${SKIP_FUZZ:-0}" = 1 ]; then
+    section "Fuzz smoke run skipped (SKIP_FUZZ=1)"
+    return
+  fi
+  section "Fuzz smoke run: bash scripts/fuzz.sh smoke"
+  bash "$REPO_ROOT/scripts/fuzz.sh" smoke
+}
+
 main() {
   section "Prerequisites"
   have cargo || die "cargo not found: install the Rust toolchain (https://rustup.rs)"
@@ -146,6 +156,7 @@ main() {
   build_server
   check_run_command
   run_js_tests
+  run_fuzz_smoke
 }
 
 main "$@"

@@ -16,7 +16,7 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 use switchboard::auth::{AuthError, Authenticator, JwtConfig};
 use switchboard_core::UserId;
-use switchboard_fuzz::sign;
+use switchboard_fuzz::{Members, sign};
 
 const SECRET: &[u8] = b"switchboard-fuzzing-secret-0123456789abcdef";
 
@@ -78,8 +78,12 @@ static SETUPS: LazyLock<[Setup; 4]> = LazyLock::new(|| {
 
 /// The header and claims checks as the documentation of `verify` states them.
 fn model(setup: &Setup, header: &[u8], claims: &[u8]) -> Result<UserId, AuthError> {
+    let header_members = Members::parse(header);
     let header: Map<String, Value> = serde_json::from_slice(header)
         .map_err(|_| AuthError::Malformed("header is not a JSON object"))?;
+    if header_members.as_ref().is_some_and(has_duplicate) {
+        return Err(AuthError::Malformed("header has a duplicate key"));
+    }
     match header.get("alg") {
         Some(Value::String(alg)) if alg == "HS256" => {}
         _ => return Err(AuthError::UnsupportedAlgorithm(String::new())),
@@ -94,8 +98,12 @@ fn model(setup: &Setup, header: &[u8], claims: &[u8]) -> Result<UserId, AuthErro
             "critical header extensions are not supported",
         ));
     }
+    let claims_members = Members::parse(claims);
     let claims: Map<String, Value> = serde_json::from_slice(claims)
         .map_err(|_| AuthError::Malformed("claims are not a JSON object"))?;
+    if claims_members.as_ref().is_some_and(has_duplicate) {
+        return Err(AuthError::Malformed("claims have a duplicate key"));
+    }
     let now = NOW as f64;
     let exp = claims
         .get("exp")
@@ -133,6 +141,16 @@ fn model(setup: &Setup, header: &[u8], claims: &[u8]) -> Result<UserId, AuthErro
         .and_then(Value::as_str)
         .ok_or_else(|| AuthError::MissingUserClaim(setup.user_claim.to_owned()))?;
     UserId::new(user).map_err(AuthError::InvalidUser)
+}
+
+/// Whether a top-level key occurs more than once: such a token is refused, whichever copy a
+/// reader would pick.
+fn has_duplicate(members: &Members) -> bool {
+    members
+        .0
+        .iter()
+        .enumerate()
+        .any(|(i, (key, _))| members.0[..i].iter().any(|(k, _)| k == key))
 }
 
 /// What the header's `alg` member is.

@@ -331,18 +331,19 @@ fn decode_object(
     let bytes = URL_SAFE_NO_PAD
         .decode(segment)
         .map_err(|_| AuthError::Malformed(not_base64))?;
+    // Valid JSON first, so that any syntax error reads as "not a JSON object" wherever a
+    // duplicate key sits; the second pass only looks for duplicates.
+    let map: Map<String, Value> =
+        serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed(not_object))?;
     match serde_json::from_slice::<UniqueKeys>(&bytes) {
-        Ok(UniqueKeys(map)) => Ok(map),
-        Err(e) if e.to_string().starts_with(DUPLICATE_KEY) => Err(AuthError::Malformed(duplicate)),
-        Err(_) => Err(AuthError::Malformed(not_object)),
+        Ok(UniqueKeys) => Ok(map),
+        Err(_) => Err(AuthError::Malformed(duplicate)),
     }
 }
 
-/// The error text [`UniqueKeys`] fails with.
-const DUPLICATE_KEY: &str = "duplicate key";
-
-/// A JSON object whose top-level keys are all distinct.
-struct UniqueKeys(Map<String, Value>);
+/// Deserializes only from a JSON object whose top-level keys are all distinct (the values
+/// are skipped).
+struct UniqueKeys;
 
 impl<'de> serde::Deserialize<'de> for UniqueKeys {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -359,15 +360,14 @@ impl<'de> serde::Deserialize<'de> for UniqueKeys {
                 self,
                 mut access: A,
             ) -> Result<UniqueKeys, A::Error> {
-                let mut map = Map::new();
+                let mut seen = std::collections::HashSet::new();
                 while let Some(key) = access.next_key::<String>()? {
-                    if map.contains_key(&key) {
-                        return Err(serde::de::Error::custom(DUPLICATE_KEY));
+                    if !seen.insert(key) {
+                        return Err(serde::de::Error::custom("duplicate key"));
                     }
-                    let value: Value = access.next_value()?;
-                    map.insert(key, value);
+                    access.next_value::<serde::de::IgnoredAny>()?;
                 }
-                Ok(UniqueKeys(map))
+                Ok(UniqueKeys)
             }
         }
 
