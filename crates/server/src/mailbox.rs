@@ -30,7 +30,7 @@
 //! ended ([`Closing::Gone`]) with [`Sent::Gone`].
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -102,16 +102,16 @@ pub(crate) struct Mailbox {
     room: Semaphore,
     /// Size of the queue in bytes (the semaphore's permits when empty).
     capacity: usize,
-    /// Wakes the session: records arrived, or the mailbox is closing.
+    /// Wakes the session: records arrived, or the mailbox is closing. The session waits for
+    /// one thing at a time (records, or a stall while a write blocks), so one `Notify` serves
+    /// both; a wake-up for the other is harmless, as every wait re-checks its condition.
     signal: Notify,
-    /// Wakes a session blocked in a socket write when the mailbox is stalled or gone.
-    stall: Notify,
     /// One of `OPEN`, `LAGGING`, `STALLED`, `GONE`.
     state: AtomicU8,
+    /// Senders waiting for room right now.
+    waiting: AtomicU32,
     /// Records the session has taken so far: progress, as senders see it.
     taken: AtomicU64,
-    /// Senders waiting for room right now.
-    waiting: AtomicUsize,
 }
 
 impl Mailbox {
@@ -123,10 +123,9 @@ impl Mailbox {
             room: Semaphore::new(capacity),
             capacity,
             signal: Notify::new(),
-            stall: Notify::new(),
             state: AtomicU8::new(OPEN),
+            waiting: AtomicU32::new(0),
             taken: AtomicU64::new(0),
-            waiting: AtomicUsize::new(0),
         }
     }
 
@@ -214,9 +213,7 @@ impl Mailbox {
         }
         self.room.close();
         self.signal.notify_one();
-        if new >= STALLED {
-            self.stall.notify_waiters();
-        }
+        self.signal.notify_waiters();
         first
     }
 
@@ -238,6 +235,20 @@ impl Mailbox {
             STALLED => Some(Closing::Stalled),
             GONE => Some(Closing::Gone),
             _ => None,
+        }
+    }
+
+    /// What the session waits for in its loop: [`Mailbox::ready`] while it takes records
+    /// (`taking`), else only a stall or the end (when the replay buffer of stateful reconnect
+    /// waits for Acks). Cancel-safe.
+    pub(crate) async fn event(&self, taking: bool) -> MailboxEvent {
+        if taking {
+            return self.ready().await;
+        }
+        self.stalled().await;
+        match self.closing() {
+            Some(Closing::Gone) => MailboxEvent::Closing(Closing::Gone),
+            _ => MailboxEvent::Closing(Closing::Stalled),
         }
     }
 
@@ -270,7 +281,7 @@ impl Mailbox {
     pub(crate) async fn stalled(&self) {
         loop {
             // Created before the check, so a `notify_waiters` in between is not missed.
-            let notified = self.stall.notified();
+            let notified = self.signal.notified();
             if self.state.load(Ordering::Acquire) >= STALLED {
                 return;
             }

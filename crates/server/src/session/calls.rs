@@ -42,11 +42,7 @@ impl Calls {
         Self {
             running: None,
             max_running: options.max_parallel_invocations.max(1),
-            rate: Rate::new(
-                options.max_invocations_per_second,
-                options.invocation_burst,
-                Instant::now(),
-            ),
+            rate: Rate::new(options.max_invocations_per_second, Instant::now()),
             slowed: false,
         }
     }
@@ -78,35 +74,26 @@ impl Calls {
     }
 }
 
-/// A token bucket (GCRA): `per_second` on average, `burst` at once.
+/// A token bucket (GCRA) of `per_second` invocations on average and `burst` at once. Only the
+/// time the bucket is full again is kept per connection; the rest comes from the options.
 #[derive(Debug)]
 struct Rate {
-    /// Time one invocation uses up.
-    interval: Duration,
-    /// How far ahead of the average a burst may run.
-    tolerance: Duration,
     /// When the bucket is full again (the theoretical arrival time).
     full_at: Instant,
 }
 
 impl Rate {
-    fn new(per_second: u32, burst: u32, now: Instant) -> Option<Self> {
-        if per_second == 0 {
-            return None;
-        }
-        let interval = Duration::from_secs(1) / per_second;
-        Some(Self {
-            interval,
-            tolerance: interval * burst.max(1).saturating_sub(1),
-            full_at: now,
-        })
+    fn new(per_second: u32, now: Instant) -> Option<Self> {
+        (per_second > 0).then_some(Self { full_at: now })
     }
 
     /// Takes one invocation's worth; returns when it may start, if that is later than `now`.
-    fn reserve(&mut self, now: Instant) -> Option<Instant> {
+    fn reserve(&mut self, per_second: u32, burst: u32, now: Instant) -> Option<Instant> {
+        let interval = Duration::from_secs(1) / per_second.max(1);
+        let tolerance = interval * burst.max(1).saturating_sub(1);
         let full_at = self.full_at.max(now);
-        let allowed = full_at.checked_sub(self.tolerance).unwrap_or(now);
-        self.full_at = full_at + self.interval;
+        let allowed = full_at.checked_sub(tolerance).unwrap_or(now);
+        self.full_at = full_at + interval;
         (allowed > now).then_some(allowed)
     }
 }
@@ -175,7 +162,14 @@ impl Session<'_> {
     /// nothing more is read from its socket.
     pub(super) async fn admit_call(&mut self) -> Result<(), End> {
         let now = Instant::now();
-        if let Some(at) = self.calls.rate.as_mut().and_then(|rate| rate.reserve(now)) {
+        let options = &self.inner.options;
+        let (per_second, burst) = (options.max_invocations_per_second, options.invocation_burst);
+        if let Some(at) = self
+            .calls
+            .rate
+            .as_mut()
+            .and_then(|rate| rate.reserve(per_second, burst, now))
+        {
             if !self.calls.slowed {
                 self.calls.slowed = true;
                 if let Some(suppressed) = SLOWED.allow() {
@@ -262,19 +256,19 @@ mod tests {
     #[test]
     fn the_rate_allows_a_burst_then_spaces_invocations_out() {
         let t = Instant::now();
-        let mut rate = Rate::new(10, 3, t).expect("limited");
-        assert_eq!(rate.reserve(t), None);
-        assert_eq!(rate.reserve(t), None);
-        assert_eq!(rate.reserve(t), None);
+        let mut rate = Rate::new(10, t).expect("limited");
+        assert_eq!(rate.reserve(10, 3, t), None);
+        assert_eq!(rate.reserve(10, 3, t), None);
+        assert_eq!(rate.reserve(10, 3, t), None);
         // The fourth waits one interval (100 ms), the fifth two.
-        assert_eq!(rate.reserve(t), Some(t + Duration::from_millis(100)));
-        assert_eq!(rate.reserve(t), Some(t + Duration::from_millis(200)));
+        assert_eq!(rate.reserve(10, 3, t), Some(t + Duration::from_millis(100)));
+        assert_eq!(rate.reserve(10, 3, t), Some(t + Duration::from_millis(200)));
         // After a quiet second, the whole burst is back.
         let later = t + Duration::from_secs(2);
         for _ in 0..3 {
-            assert_eq!(rate.reserve(later), None);
+            assert_eq!(rate.reserve(10, 3, later), None);
         }
-        assert!(rate.reserve(later).is_some());
-        assert!(Rate::new(0, 10, t).is_none(), "0 turns the limit off");
+        assert!(rate.reserve(10, 3, later).is_some());
+        assert!(Rate::new(0, t).is_none(), "0 turns the limit off");
     }
 }

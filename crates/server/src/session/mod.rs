@@ -31,6 +31,7 @@ mod stateful;
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -286,8 +287,7 @@ impl Session<'_> {
             let step: Result<(), End> = tokio::select! {
                 biased;
                 Ok(()) = shutdown.changed() => Err(End::closed("the server is shutting down")),
-                event = mailbox.ready(), if can_send => self.on_mailbox(event).await,
-                () = mailbox.stalled(), if !can_send => Err(self.stalled()),
+                event = mailbox.event(can_send) => self.on_mailbox(event).await,
                 Some(done) = self.calls.next(), if busy => Box::pin(self.complete(done)).await,
                 frame = self.socket.recv(), if reading => self.on_frame(frame, reader).await,
                 () = &mut timer => Box::pin(self.on_timer(reading)).await,
@@ -330,8 +330,7 @@ impl Session<'_> {
                 Ok(()) = shutdown.changed() => {
                     return Err(End::closed("the server is shutting down"));
                 }
-                event = mailbox.ready(), if can_send => self.on_mailbox(event).await?,
-                () = mailbox.stalled(), if !can_send => return Err(self.stalled()),
+                event = mailbox.event(can_send) => self.on_mailbox(event).await?,
                 Some(done) = self.calls.next(), if busy => {
                     Box::pin(self.complete(done)).await?;
                     if matches!(until, Until::CallDone) {
@@ -482,8 +481,13 @@ impl Session<'_> {
     async fn write_raw(&mut self, text: Utf8Bytes) -> Result<(), End> {
         let limit = self.write_limit();
         let send_timeout = self.inner.options.send_timeout;
-        let write = self.socket.feed(Message::Text(text));
-        blocked(&self.mailbox, write, limit, send_timeout).await
+        let mut write = self.socket.feed(Message::Text(text));
+        // Most writes finish at once: no clock reading, no timer, and the waiting below lives
+        // in its own allocation, so an idle connection's task does not carry it.
+        if let Poll::Ready(result) = poll_once(&mut write).await {
+            return result.map_err(|e| End::TransportLost(Some(e)));
+        }
+        Box::pin(blocked(&self.mailbox, write, limit, send_timeout)).await
     }
 
     /// Queues a trackable record (an invocation or a completion).
@@ -497,8 +501,11 @@ impl Session<'_> {
     async fn flush(&mut self) -> Result<(), End> {
         let limit = self.write_limit();
         let send_timeout = self.inner.options.send_timeout;
-        let flush = self.socket.flush();
-        let result = blocked(&self.mailbox, flush, limit, send_timeout).await;
+        let mut flush = self.socket.flush();
+        let result = match poll_once(&mut flush).await {
+            Poll::Ready(result) => result.map_err(|e| End::TransportLost(Some(e))),
+            Poll::Pending => Box::pin(blocked(&self.mailbox, flush, limit, send_timeout)).await,
+        };
         self.last_write = Instant::now();
         result
     }
@@ -623,12 +630,6 @@ async fn blocked(
     send_timeout: Duration,
 ) -> Result<(), End> {
     tokio::pin!(write);
-    // Most writes finish at once: no clock reading, no timer.
-    if let Poll::Ready(result) =
-        std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await
-    {
-        return result.map_err(|e| End::TransportLost(Some(e)));
-    }
     let deadline = Instant::now() + limit;
     loop {
         tokio::select! {
@@ -645,6 +646,11 @@ async fn blocked(
             }
         }
     }
+}
+
+/// Polls a future once, in the calling task.
+async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *future).poll(cx))).await
 }
 
 fn stalled(send_timeout: Duration) -> End {

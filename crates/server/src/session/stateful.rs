@@ -134,7 +134,7 @@ impl Session<'_> {
                 socket = stateful.reattach.recv() => {
                     return socket.ok_or(End::TransportLost(None));
                 }
-                event = mailbox.ready(), if can_send => match event {
+                event = mailbox.event(can_send) => match event {
                     MailboxEvent::Ready => {
                         // Numbered and kept for the replay, like records that were sent.
                         if let Some(text) = mailbox.pop() {
@@ -143,7 +143,6 @@ impl Session<'_> {
                     }
                     MailboxEvent::Closing(_) => return Err(overflowed()),
                 },
-                () = mailbox.stalled(), if !can_send => return Err(overflowed()),
                 () = sleep_until(deadline) => {
                     return Err(End::Unresponsive(format!(
                         "The client did not reconnect within {window:?}."
