@@ -333,6 +333,16 @@ mod tests {
         Utf8Bytes::from_static(s)
     }
 
+    /// A sender, in a task of its own, waiting up to `wait` for room for `record`.
+    fn waiting_sender(
+        mailbox: &Arc<Mailbox>,
+        record: &'static str,
+        wait: Duration,
+    ) -> tokio::task::JoinHandle<(Sent, bool)> {
+        let mailbox = mailbox.clone();
+        tokio::spawn(async move { mailbox.push_waiting(&text(record), wait).await })
+    }
+
     #[test]
     fn records_queue_in_order_and_come_out_in_batches() {
         let mailbox = Mailbox::new(1 << 20);
@@ -371,14 +381,7 @@ mod tests {
     async fn a_waiting_sender_gets_room_when_the_session_takes() {
         let mailbox = Arc::new(Mailbox::new(1 + RECORD_OVERHEAD));
         assert_eq!(mailbox.offer(&text("a")), Offer::Done(Sent::Queued));
-        let sender = {
-            let mailbox = mailbox.clone();
-            tokio::spawn(async move {
-                mailbox
-                    .push_waiting(&text("b"), Duration::from_secs(5))
-                    .await
-            })
-        };
+        let sender = waiting_sender(&mailbox, "b", Duration::from_secs(5));
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(mailbox.pop().as_deref(), Some("a"));
         assert_eq!(sender.await.expect("no panic"), (Sent::Queued, false));
@@ -414,23 +417,9 @@ mod tests {
         assert_eq!(mailbox.offer(&text("a")), Offer::Done(Sent::Queued));
         assert_eq!(mailbox.offer(&text("b")), Offer::Done(Sent::Queued));
         // Two senders wait; the reader frees room for one of them only.
-        let first = {
-            let mailbox = mailbox.clone();
-            tokio::spawn(async move {
-                mailbox
-                    .push_waiting(&text("c"), Duration::from_secs(5))
-                    .await
-            })
-        };
+        let first = waiting_sender(&mailbox, "c", Duration::from_secs(5));
         tokio::task::yield_now().await;
-        let second = {
-            let mailbox = mailbox.clone();
-            tokio::spawn(async move {
-                mailbox
-                    .push_waiting(&text("d"), Duration::from_secs(5))
-                    .await
-            })
-        };
+        let second = waiting_sender(&mailbox, "d", Duration::from_secs(5));
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(mailbox.pop().as_deref(), Some("a"));
@@ -455,14 +444,7 @@ mod tests {
             !mailbox.stall_if_awaited(),
             "nobody waits: a full queue is fine"
         );
-        let sender = {
-            let mailbox = mailbox.clone();
-            tokio::spawn(async move {
-                mailbox
-                    .push_waiting(&text("b"), Duration::from_secs(3600))
-                    .await
-            })
-        };
+        let sender = waiting_sender(&mailbox, "b", Duration::from_secs(3600));
         tokio::task::yield_now().await;
         assert!(mailbox.stall_if_awaited());
         assert_eq!(sender.await.expect("no panic"), (Sent::NotReading, false));
@@ -473,14 +455,7 @@ mod tests {
     async fn a_mailbox_that_is_gone_wakes_waiting_senders_at_once() {
         let mailbox = Arc::new(Mailbox::new(1 + RECORD_OVERHEAD));
         assert_eq!(mailbox.offer(&text("a")), Offer::Done(Sent::Queued));
-        let sender = {
-            let mailbox = mailbox.clone();
-            tokio::spawn(async move {
-                mailbox
-                    .push_waiting(&text("b"), Duration::from_secs(3600))
-                    .await
-            })
-        };
+        let sender = waiting_sender(&mailbox, "b", Duration::from_secs(3600));
         tokio::task::yield_now().await;
         assert!(mailbox.close(Closing::Gone));
         assert_eq!(sender.await.expect("no panic"), (Sent::Gone, false));

@@ -4,17 +4,14 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
-use common::{RawClient, TestServer};
+use common::{FlakyStore, RawClient, TestServer};
 use serde_json::{Value, json};
 use switchboard::HubOptions;
 use switchboard::hub::{Hub, HubContext, HubError};
-use switchboard_core::{
-    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Removal, StoreError, UserId,
-    async_trait,
-};
+use switchboard_core::UserId;
 use switchboard_memory::MemoryStore;
 
 /// The next `n` non-ping messages of a client.
@@ -205,81 +202,6 @@ async fn on_disconnected_runs_on_every_exit_path() {
 
     assert_eq!(hooks.connected.load(Ordering::SeqCst), 6);
     assert_eq!(server.store.counts().await.expect("counts").connections, 0);
-}
-
-/// A memory store that can be switched off, like a database that went away, or made slow to
-/// record connections, like one across a network.
-#[derive(Debug, Default)]
-struct FlakyStore {
-    inner: MemoryStore,
-    down: AtomicBool,
-    slow_adds: AtomicBool,
-    /// Every call waits forever, like a database that stopped answering.
-    hung: AtomicBool,
-    /// New connections are refused by policy.
-    refusing: AtomicBool,
-    /// New connections fail with a permanent error.
-    broken: AtomicBool,
-}
-
-impl FlakyStore {
-    async fn check(&self) -> Result<(), StoreError> {
-        if self.hung.load(Ordering::SeqCst) {
-            std::future::pending::<()>().await;
-        }
-        if self.down.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable {
-                message: "connection refused".into(),
-                source: None,
-            });
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl ConnectionStore for FlakyStore {
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    async fn add(&self, record: ConnectionRecord) -> Result<(), StoreError> {
-        self.check().await?;
-        if self.refusing.load(Ordering::SeqCst) {
-            return Err(StoreError::refused("You are banned from this chat."));
-        }
-        if self.broken.load(Ordering::SeqCst) {
-            return Err(StoreError::Corrupt("a bad row".into()));
-        }
-        if self.slow_adds.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        self.inner.add(record).await
-    }
-    async fn remove(&self, user: &UserId, id: &ConnectionId) -> Result<Removal, StoreError> {
-        self.check().await?;
-        self.inner.remove(user, id).await
-    }
-    async fn reconnect(&self, record: ConnectionRecord) -> Result<(), StoreError> {
-        self.check().await?;
-        self.inner.reconnect(record).await
-    }
-    async fn connections(&self, user: &UserId) -> Result<Vec<ConnectionRecord>, StoreError> {
-        self.check().await?;
-        self.inner.connections(user).await
-    }
-    async fn counts(&self) -> Result<switchboard_core::Counts, StoreError> {
-        self.inner.counts().await
-    }
-    async fn heartbeat(
-        &self,
-        node: &switchboard_core::NodeId,
-        until: SystemTime,
-    ) -> Result<(), StoreError> {
-        self.inner.heartbeat(node, until).await
-    }
-    async fn sweep(&self, now: SystemTime) -> Result<Vec<ConnectionRecord>, StoreError> {
-        self.inner.sweep(now).await
-    }
 }
 
 #[tokio::test]

@@ -6,18 +6,13 @@
 mod common;
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use common::TestServer;
+use common::{FlakyStore, TestServer};
 use serde_json::json;
 use switchboard::HubOptions;
-use switchboard_core::{
-    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, Removal, StoreError,
-    UserId, async_trait,
-};
-use switchboard_memory::MemoryStore;
 
 /// Every log line the server writes, in memory.
 #[derive(Clone, Default)]
@@ -46,58 +41,6 @@ impl Write for Collected {
     }
 }
 
-/// A memory store that can be switched off.
-#[derive(Debug, Default)]
-struct Switchable {
-    inner: MemoryStore,
-    down: AtomicBool,
-}
-
-impl Switchable {
-    fn check(&self) -> Result<(), StoreError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable {
-                message: "connection refused".into(),
-                source: None,
-            });
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl ConnectionStore for Switchable {
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    async fn add(&self, record: ConnectionRecord) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.add(record).await
-    }
-    async fn remove(&self, user: &UserId, id: &ConnectionId) -> Result<Removal, StoreError> {
-        self.check()?;
-        self.inner.remove(user, id).await
-    }
-    async fn reconnect(&self, record: ConnectionRecord) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.reconnect(record).await
-    }
-    async fn connections(&self, user: &UserId) -> Result<Vec<ConnectionRecord>, StoreError> {
-        self.check()?;
-        self.inner.connections(user).await
-    }
-    async fn counts(&self) -> Result<Counts, StoreError> {
-        self.inner.counts().await
-    }
-    async fn heartbeat(
-        &self,
-        node: &switchboard_core::NodeId,
-        until: SystemTime,
-    ) -> Result<(), StoreError> {
-        self.inner.heartbeat(node, until).await
-    }
-}
-
 #[tokio::test]
 async fn clients_cannot_make_the_server_log_more_than_a_few_lines() {
     let collected = Collected::default();
@@ -108,7 +51,7 @@ async fn clients_cannot_make_the_server_log_more_than_a_few_lines() {
         .with_ansi(false)
         .init();
 
-    let store = Arc::new(Switchable::default());
+    let store = Arc::new(FlakyStore::default());
     let server = TestServer::start_with(
         switchboard::chat::hub(),
         store.clone(),

@@ -8,7 +8,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -18,7 +19,10 @@ use switchboard::http::HttpLimits;
 use switchboard::hub::Hub;
 use switchboard::{HubOptions, HubService, chat};
 use switchboard_core::testkit::node;
-use switchboard_core::{ConnectionStore, UserId};
+use switchboard_core::{
+    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Removal, StoreError, UserId,
+    async_trait,
+};
 use switchboard_memory::MemoryStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -506,4 +510,79 @@ pub async fn attach(server: &TestServer, user: &str, token: &str) -> RawClient {
         .open(&format!("?id={token}"), Some(&server.token(user)))
         .await
         .expect("attach")
+}
+
+/// A memory store that can be switched off, like a database that went away, or made slow to
+/// record connections, like one across a network.
+#[derive(Debug, Default)]
+pub struct FlakyStore {
+    pub inner: MemoryStore,
+    pub down: AtomicBool,
+    pub slow_adds: AtomicBool,
+    /// Every call waits forever, like a database that stopped answering.
+    pub hung: AtomicBool,
+    /// New connections are refused by policy.
+    pub refusing: AtomicBool,
+    /// New connections fail with a permanent error.
+    pub broken: AtomicBool,
+}
+
+impl FlakyStore {
+    async fn check(&self) -> Result<(), StoreError> {
+        if self.hung.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable {
+                message: "connection refused".into(),
+                source: None,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ConnectionStore for FlakyStore {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn add(&self, record: ConnectionRecord) -> Result<(), StoreError> {
+        self.check().await?;
+        if self.refusing.load(Ordering::SeqCst) {
+            return Err(StoreError::refused("You are banned from this chat."));
+        }
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(StoreError::Corrupt("a bad row".into()));
+        }
+        if self.slow_adds.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.inner.add(record).await
+    }
+    async fn remove(&self, user: &UserId, id: &ConnectionId) -> Result<Removal, StoreError> {
+        self.check().await?;
+        self.inner.remove(user, id).await
+    }
+    async fn reconnect(&self, record: ConnectionRecord) -> Result<(), StoreError> {
+        self.check().await?;
+        self.inner.reconnect(record).await
+    }
+    async fn connections(&self, user: &UserId) -> Result<Vec<ConnectionRecord>, StoreError> {
+        self.check().await?;
+        self.inner.connections(user).await
+    }
+    async fn counts(&self) -> Result<switchboard_core::Counts, StoreError> {
+        self.inner.counts().await
+    }
+    async fn heartbeat(
+        &self,
+        node: &switchboard_core::NodeId,
+        until: SystemTime,
+    ) -> Result<(), StoreError> {
+        self.inner.heartbeat(node, until).await
+    }
+    async fn sweep(&self, now: SystemTime) -> Result<Vec<ConnectionRecord>, StoreError> {
+        self.inner.sweep(now).await
+    }
 }
