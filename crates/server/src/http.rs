@@ -117,16 +117,25 @@ pub struct HttpLimits {
 impl Default for HttpLimits {
     fn default() -> Self {
         Self {
-            header_read_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(30),
-            max_request_head: 32 * 1024,
+            header_read_timeout: Self::DEFAULT_HEADER_READ_TIMEOUT,
+            request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
+            max_request_head: Self::DEFAULT_MAX_REQUEST_HEAD,
             max_connections: default_max_connections(),
-            max_connections_per_address: 1024,
+            max_connections_per_address: Self::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
         }
     }
 }
 
 impl HttpLimits {
+    /// Default of [`HttpLimits::header_read_timeout`].
+    pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Default of [`HttpLimits::request_timeout`].
+    pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Default of [`HttpLimits::max_request_head`].
+    pub const DEFAULT_MAX_REQUEST_HEAD: usize = 32 * 1024;
+    /// Default of [`HttpLimits::max_connections_per_address`].
+    pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 1024;
+
     /// Sets [`HttpLimits::header_read_timeout`].
     #[must_use]
     pub fn with_header_read_timeout(mut self, value: Duration) -> Self {

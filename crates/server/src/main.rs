@@ -81,7 +81,7 @@ struct ServeArgs {
     #[arg(
         long,
         env = "SWITCHBOARD_HEADER_READ_TIMEOUT",
-        default_value_t = 10,
+        default_value_t = HttpLimits::DEFAULT_HEADER_READ_TIMEOUT.as_secs(),
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     header_read_timeout: u64,
@@ -90,12 +90,12 @@ struct ServeArgs {
     #[arg(
         long,
         env = "SWITCHBOARD_REQUEST_TIMEOUT",
-        default_value_t = 30,
+        default_value_t = HttpLimits::DEFAULT_REQUEST_TIMEOUT.as_secs(),
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     request_timeout: u64,
     /// Largest request head (request line and headers), in bytes.
-    #[arg(long, env = "SWITCHBOARD_MAX_REQUEST_HEAD", default_value_t = 32 * 1024)]
+    #[arg(long, env = "SWITCHBOARD_MAX_REQUEST_HEAD", default_value_t = HttpLimits::DEFAULT_MAX_REQUEST_HEAD)]
     max_request_head: usize,
     /// Most connections open at once, WebSockets included; 0 = unlimited [default: the
     /// open-files limit less 256]
@@ -106,7 +106,7 @@ struct ServeArgs {
     #[arg(
         long,
         env = "SWITCHBOARD_MAX_CONNECTIONS_PER_ADDRESS",
-        default_value_t = 1024
+        default_value_t = HttpLimits::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
     )]
     max_connections_per_address: usize,
     /// Bytes of messages queued per connection for its socket; a send to a full queue waits.

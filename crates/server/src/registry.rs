@@ -45,6 +45,15 @@ pub(crate) struct Fanout {
 }
 
 impl Fanout {
+    /// Offers `record` to one mailbox without waiting; keeps it for [`Fanout::finish`] when
+    /// full.
+    fn offer(&mut self, mailbox: &Arc<Mailbox>, record: &Utf8Bytes) {
+        match mailbox.offer(record) {
+            Offer::Done(sent) => self.count(sent),
+            Offer::Full => self.full.push(mailbox.clone()),
+        }
+    }
+
     fn count(&mut self, sent: Sent) {
         match sent {
             Sent::Queued => self.queued += 1,
@@ -160,12 +169,8 @@ impl Registry {
     }
 
     fn offer_one(&self, id: &ConnectionId, record: &Utf8Bytes, fanout: &mut Fanout) {
-        let Some(conn) = self.connections.get(id) else {
-            return;
-        };
-        match conn.mailbox.offer(record) {
-            Offer::Done(sent) => fanout.count(sent),
-            Offer::Full => fanout.full.push(conn.mailbox.clone()),
+        if let Some(conn) = self.connections.get(id) {
+            fanout.offer(&conn.mailbox, record);
         }
     }
 
@@ -191,10 +196,7 @@ impl Registry {
     /// Offers `record` to every local connection.
     pub(crate) fn offer_all(&self, record: &Utf8Bytes, fanout: &mut Fanout) {
         for conn in &self.connections {
-            match conn.mailbox.offer(record) {
-                Offer::Done(sent) => fanout.count(sent),
-                Offer::Full => fanout.full.push(conn.mailbox.clone()),
-            }
+            fanout.offer(&conn.mailbox, record);
         }
     }
 
