@@ -34,13 +34,13 @@
 use std::collections::HashSet;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use dashmap::DashMap;
 use switchboard_core::{
-    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, NodeId, OrphanCleanup,
-    PageRequest, Removal, Speed, StoreError, UserId, UserListing, UserPage,
+    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, Lease, NodeId,
+    OrphanCleanup, PageRequest, Removal, Speed, StoreError, UserId, UserListing, UserPage,
 };
 
 /// The in-memory connection store. See the [crate docs](crate) for its limits.
@@ -55,7 +55,7 @@ pub struct MemoryStore {
     /// Live connections in all users, kept beside the map so counting does not scan.
     connections: StripedCounter,
     /// node → lease expiry.
-    leases: DashMap<NodeId, SystemTime>,
+    leases: DashMap<NodeId, Instant>,
 }
 
 impl Default for MemoryStore {
@@ -87,7 +87,8 @@ impl MemoryStore {
         list_users: UserListing::FullScan,
         survives_restart: false,
         speed: Speed::InProcess,
-        orphan_cleanup: OrphanCleanup::LeaseSweep,
+        orphan_cleanup: OrphanCleanup::DiesWithNode,
+        leases: true,
     };
 }
 
@@ -162,27 +163,42 @@ impl ConnectionStore for MemoryStore {
         })
     }
 
-    async fn heartbeat(&self, node: &NodeId, expires_at: SystemTime) -> Result<(), StoreError> {
-        self.leases.insert(node.clone(), expires_at);
-        Ok(())
+    async fn heartbeat(&self, node: &NodeId, ttl: Duration) -> Result<Lease, StoreError> {
+        let now = Instant::now();
+        let previous = self.leases.insert(node.clone(), now + ttl);
+        Ok(match previous {
+            None => Lease::Taken,
+            Some(expires) if expires > now => Lease::Renewed,
+            Some(_) => Lease::Lapsed,
+        })
     }
 
-    async fn sweep(&self, now: SystemTime) -> Result<Vec<ConnectionRecord>, StoreError> {
+    async fn sweep(&self) -> Result<u64, StoreError> {
+        let now = Instant::now();
         self.leases.retain(|_, expires| *expires > now);
         let live: HashSet<NodeId> = self.leases.iter().map(|e| e.key().clone()).collect();
-        let mut removed = Vec::new();
+        let mut removed = 0;
         self.users.retain(|_, conns| {
-            conns.retain(|r| {
-                let keep = live.contains(r.node());
-                if !keep {
-                    removed.push(r.clone());
-                }
-                keep
-            });
+            let before = conns.len();
+            conns.retain(|r| live.contains(r.node()));
+            removed += before - conns.len();
             !conns.is_empty()
         });
-        self.connections.sub(removed.len());
-        Ok(removed)
+        self.connections.sub(removed);
+        Ok(removed as u64)
+    }
+
+    async fn release(&self, node: &NodeId) -> Result<u64, StoreError> {
+        self.leases.remove(node);
+        let mut removed = 0;
+        self.users.retain(|_, conns| {
+            let before = conns.len();
+            conns.retain(|r| r.node() != node);
+            removed += before - conns.len();
+            !conns.is_empty()
+        });
+        self.connections.sub(removed);
+        Ok(removed as u64)
     }
 }
 

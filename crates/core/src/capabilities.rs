@@ -36,13 +36,13 @@ pub enum Speed {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum OrphanCleanup {
-    /// Each node renews a lease with
-    /// [`heartbeat`](crate::ConnectionStore::heartbeat); any node's
+    /// Records outlive the node that wrote them (a database, a table service): each node
+    /// renews a lease with [`heartbeat`](crate::ConnectionStore::heartbeat), and any node's
     /// [`sweep`](crate::ConnectionStore::sweep) removes the connections of nodes whose lease
-    /// expired.
+    /// expired. Requires [`Capabilities::leases`].
     LeaseSweep,
-    /// Membership is held by the hub framework on the node that owns the socket, so it vanishes
-    /// with that node; `heartbeat` and `sweep` return `Unsupported`.
+    /// Records live in the memory of the process that holds the sockets (the in-memory map,
+    /// or per-node hub groups), so they vanish with it: a crash leaves nothing behind.
     DiesWithNode,
 }
 
@@ -65,6 +65,12 @@ pub struct Capabilities {
     pub speed: Speed,
     /// How orphaned records are cleaned up.
     pub orphan_cleanup: OrphanCleanup,
+    /// [`heartbeat`](crate::ConnectionStore::heartbeat), [`sweep`](crate::ConnectionStore::sweep)
+    /// and [`release`](crate::ConnectionStore::release) work, and lookups ignore records of
+    /// nodes whose lease expired. Required by [`OrphanCleanup::LeaseSweep`]; an in-memory
+    /// store may offer leases too, so that several nodes in one process behave like nodes
+    /// sharing a database.
+    pub leases: bool,
 }
 
 impl Capabilities {
@@ -77,7 +83,7 @@ impl Capabilities {
     /// Whether [`heartbeat`](crate::ConnectionStore::heartbeat) and
     /// [`sweep`](crate::ConnectionStore::sweep) are supported.
     pub fn has_leases(&self) -> bool {
-        self.orphan_cleanup == OrphanCleanup::LeaseSweep
+        self.leases
     }
 
     /// Renders a Markdown table with one row per store, the columns of the classic comparison.
@@ -99,7 +105,7 @@ impl Capabilities {
             };
             let orphans = match c.orphan_cleanup {
                 OrphanCleanup::LeaseSweep => "node leases + sweep",
-                OrphanCleanup::DiesWithNode => "die with their node",
+                OrphanCleanup::DiesWithNode => "vanish with their node",
             };
             let _ = writeln!(
                 out,

@@ -43,6 +43,7 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod backplane;
 pub mod capabilities;
 pub mod error;
 pub mod id;
@@ -56,7 +57,11 @@ pub use capabilities::{Capabilities, OrphanCleanup, Speed, UserListing};
 pub use error::{BoxError, StoreError};
 pub use id::{ConnectionId, InvalidId, NodeId, UserId};
 pub use record::ConnectionRecord;
-pub use store::{ConnectionStore, Counts, PageRequest, Removal, UserPage};
+pub use backplane::{
+    Address, Backplane, BackplaneCapabilities, BackplaneError, ChannelNames, DeliveryClass, Health,
+    Inbox, Message, MessageId,
+};
+pub use store::{ConnectionStore, Counts, Lease, PageRequest, Removal, UserPage};
 
 /// Re-exported so stores implement [`ConnectionStore`] with the same macro version.
 pub use async_trait::async_trait;

@@ -1,7 +1,7 @@
 //! The [`ConnectionStore`] trait: which user is behind which connection.
 
 use std::fmt;
-use std::time::SystemTime;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -176,37 +176,71 @@ pub trait ConnectionStore: Send + Sync + fmt::Debug + 'static {
         ))
     }
 
-    /// Renews the lease of `node` until `expires_at`. A node must renew its lease well before
-    /// it runs out; once it has, [`sweep`](Self::sweep) treats the node as dead. Leases are
-    /// compared with the callers' clocks, so keep them much longer than the clock skew between
-    /// nodes.
+    /// Takes or renews the lease of `node` for `ttl`, measured by the **store's** clock (a
+    /// database's `now()`, the process clock of an in-memory store), so the clocks of the
+    /// nodes never need to agree. Answers what the store found, so that a node learns when
+    /// its lease had lapsed (and its records may have been ignored or swept meanwhile).
+    ///
+    /// A node renews well before its lease runs out (the server: every third of the lease).
+    /// Records of a node whose lease expired are ignored by [`connections`](Self::connections),
+    /// [`users`](Self::users) and [`counts`](Self::counts) at once, and removed by the next
+    /// [`sweep`](Self::sweep).
     ///
     /// # Errors
     ///
-    /// [`StoreError::Unsupported`] unless [`Capabilities::orphan_cleanup`] is
-    /// [`OrphanCleanup::LeaseSweep`](crate::OrphanCleanup::LeaseSweep); store failures.
-    async fn heartbeat(&self, node: &NodeId, expires_at: SystemTime) -> Result<(), StoreError> {
-        let _ = (node, expires_at);
+    /// [`StoreError::Unsupported`] unless [`Capabilities::leases`] is `true`; store failures.
+    async fn heartbeat(&self, node: &NodeId, ttl: Duration) -> Result<Lease, StoreError> {
+        let _ = (node, ttl);
         Err(StoreError::unsupported(
             self.capabilities().strategy,
             "node leases",
         ))
     }
 
-    /// Removes every connection held by a node whose lease expired at or before `now`, or that
-    /// never took a lease, and forgets those leases. Returns the removed records. Idempotent;
-    /// any node may run it.
+    /// Removes every connection held by a node whose lease has expired by the store's clock,
+    /// or that never took a lease, and forgets those leases. A record is only removed if its
+    /// node's lease is expired at the moment it is removed, so a node that renews during a
+    /// sweep keeps the records it re-asserts. Returns how many connections were removed.
+    /// Idempotent; any node may run it.
     ///
     /// # Errors
     ///
-    /// [`StoreError::Unsupported`] unless the store uses node leases; store failures.
-    async fn sweep(&self, now: SystemTime) -> Result<Vec<ConnectionRecord>, StoreError> {
-        let _ = now;
+    /// [`StoreError::Unsupported`] unless the store has leases; store failures.
+    async fn sweep(&self) -> Result<u64, StoreError> {
         Err(StoreError::unsupported(
             self.capabilities().strategy,
             "sweeping expired nodes",
         ))
     }
+
+    /// Ends the lease of `node` and removes every connection it holds, for a node that stops
+    /// cleanly. Returns how many connections were removed (normally 0: the node removes its
+    /// connections one by one as they close; this catches what is left).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unsupported`] unless the store has leases; store failures.
+    async fn release(&self, node: &NodeId) -> Result<u64, StoreError> {
+        let _ = node;
+        Err(StoreError::unsupported(
+            self.capabilities().strategy,
+            "releasing node leases",
+        ))
+    }
+}
+
+/// What [`ConnectionStore::heartbeat`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Lease {
+    /// The node held no lease (its first heartbeat, or its lease was swept): a new one was
+    /// taken. For a node that was already serving, its records may have been swept.
+    Taken,
+    /// The node's lease was live and now runs for the new `ttl`.
+    Renewed,
+    /// The node's lease had expired but was not swept yet; it is live again. Meanwhile its
+    /// records were ignored by lookups, and a concurrent sweep may have removed some.
+    Lapsed,
 }
 
 #[cfg(test)]

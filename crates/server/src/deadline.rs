@@ -3,11 +3,11 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use switchboard_core::{
-    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, NodeId, PageRequest,
+    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, Lease, NodeId, PageRequest,
     Removal, StoreError, UserId, UserPage,
 };
 
@@ -75,12 +75,16 @@ impl ConnectionStore for WithDeadline {
         self.run(self.inner.counts()).await
     }
 
-    async fn heartbeat(&self, node: &NodeId, expires_at: SystemTime) -> Result<(), StoreError> {
-        self.run(self.inner.heartbeat(node, expires_at)).await
+    async fn heartbeat(&self, node: &NodeId, ttl: Duration) -> Result<Lease, StoreError> {
+        self.run(self.inner.heartbeat(node, ttl)).await
     }
 
-    async fn sweep(&self, now: SystemTime) -> Result<Vec<ConnectionRecord>, StoreError> {
-        self.run(self.inner.sweep(now)).await
+    async fn sweep(&self) -> Result<u64, StoreError> {
+        self.run(self.inner.sweep()).await
+    }
+
+    async fn release(&self, node: &NodeId) -> Result<u64, StoreError> {
+        self.run(self.inner.release(node)).await
     }
 }
 

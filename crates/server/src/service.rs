@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -185,9 +185,7 @@ impl HubService {
         }
         let lease = self.inner.options.lease;
         let every = self.inner.options.heartbeat_interval;
-        core.store
-            .heartbeat(&core.node, SystemTime::now() + lease)
-            .await?;
+        let _ = core.store.heartbeat(&core.node, lease).await?;
         let mut shutdown = self.inner.shutdown.subscribe();
         Ok(Some(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -197,13 +195,12 @@ impl HubService {
                     _ = shutdown.changed() => return,
                     _ = tick.tick() => {}
                 }
-                let now = SystemTime::now();
-                if let Err(e) = core.store.heartbeat(&core.node, now + lease).await {
+                if let Err(e) = core.store.heartbeat(&core.node, lease).await {
                     tracing::error!(error = %e, "could not renew this node's lease");
                 }
-                match core.store.sweep(now).await {
-                    Ok(swept) if !swept.is_empty() => {
-                        tracing::info!(count = swept.len(), "swept connections of expired nodes");
+                match core.store.sweep().await {
+                    Ok(swept) if swept > 0 => {
+                        tracing::info!(count = swept, "swept connections of expired nodes");
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "sweeping expired nodes failed"),

@@ -1,18 +1,18 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
 use crate::{
     Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, NodeId, OrphanCleanup,
-    PageRequest, Removal, Speed, StoreError, UserId, UserListing, UserPage,
+    Lease, PageRequest, Removal, Speed, StoreError, UserId, UserListing, UserPage,
 };
 
 #[derive(Debug, Default)]
 struct State {
     users: BTreeMap<UserId, BTreeMap<ConnectionId, ConnectionRecord>>,
-    leases: BTreeMap<NodeId, SystemTime>,
+    leases: BTreeMap<NodeId, Instant>,
 }
 
 /// The conformance suite's model as a store: one mutex around ordered maps.
@@ -47,7 +47,8 @@ impl ConnectionStore for ReferenceStore {
             list_users: UserListing::Indexed,
             survives_restart: false,
             speed: Speed::InProcess,
-            orphan_cleanup: OrphanCleanup::LeaseSweep,
+            orphan_cleanup: OrphanCleanup::DiesWithNode,
+            leases: true,
         }
     }
 
@@ -125,23 +126,43 @@ impl ConnectionStore for ReferenceStore {
         })
     }
 
-    async fn heartbeat(&self, node: &NodeId, expires_at: SystemTime) -> Result<(), StoreError> {
-        self.state().leases.insert(node.clone(), expires_at);
-        Ok(())
+    async fn heartbeat(&self, node: &NodeId, ttl: Duration) -> Result<Lease, StoreError> {
+        let now = Instant::now();
+        let previous = self.state().leases.insert(node.clone(), now + ttl);
+        Ok(match previous {
+            None => Lease::Taken,
+            Some(expires) if expires > now => Lease::Renewed,
+            Some(_) => Lease::Lapsed,
+        })
     }
 
-    async fn sweep(&self, now: SystemTime) -> Result<Vec<ConnectionRecord>, StoreError> {
+    async fn sweep(&self) -> Result<u64, StoreError> {
+        let now = Instant::now();
         let mut state = self.state();
         let State { users, leases } = &mut *state;
         leases.retain(|_, expires| *expires > now);
-        let mut removed = Vec::new();
+        let mut removed = 0;
         users.retain(|_, conns| {
             conns.retain(|_, r| {
                 let live = leases.contains_key(r.node());
-                if !live {
-                    removed.push(r.clone());
-                }
+                removed += u64::from(!live);
                 live
+            });
+            !conns.is_empty()
+        });
+        Ok(removed)
+    }
+
+    async fn release(&self, node: &NodeId) -> Result<u64, StoreError> {
+        let mut state = self.state();
+        let State { users, leases } = &mut *state;
+        leases.remove(node);
+        let mut removed = 0;
+        users.retain(|_, conns| {
+            conns.retain(|_, r| {
+                let mine = r.node() == node;
+                removed += u64::from(mine);
+                !mine
             });
             !conns.is_empty()
         });

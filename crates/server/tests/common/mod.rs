@@ -9,7 +9,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -578,11 +578,17 @@ impl ConnectionStore for FlakyStore {
     async fn heartbeat(
         &self,
         node: &switchboard_core::NodeId,
-        until: SystemTime,
-    ) -> Result<(), StoreError> {
-        self.inner.heartbeat(node, until).await
+        ttl: Duration,
+    ) -> Result<switchboard_core::Lease, StoreError> {
+        self.check().await?;
+        self.inner.heartbeat(node, ttl).await
     }
-    async fn sweep(&self, now: SystemTime) -> Result<Vec<ConnectionRecord>, StoreError> {
-        self.inner.sweep(now).await
+    async fn sweep(&self) -> Result<u64, StoreError> {
+        self.check().await?;
+        self.inner.sweep().await
+    }
+    async fn release(&self, node: &switchboard_core::NodeId) -> Result<u64, StoreError> {
+        self.check().await?;
+        self.inner.release(node).await
     }
 }
