@@ -53,14 +53,14 @@ pub mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use capabilities::{Capabilities, OrphanCleanup, Speed, UserListing};
-pub use error::{BoxError, StoreError};
-pub use id::{ConnectionId, InvalidId, NodeId, UserId};
-pub use record::ConnectionRecord;
 pub use backplane::{
     Address, Backplane, BackplaneCapabilities, BackplaneError, ChannelNames, DeliveryClass, Health,
     Inbox, Message, MessageId,
 };
+pub use capabilities::{Capabilities, OrphanCleanup, Speed, UserListing};
+pub use error::{BoxError, StoreError};
+pub use id::{ConnectionId, InvalidId, NodeId, UserId};
+pub use record::ConnectionRecord;
 pub use store::{ConnectionStore, Counts, Lease, PageRequest, Removal, UserPage};
 
 /// Re-exported so stores implement [`ConnectionStore`] with the same macro version.

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
+use std::time::Duration;
+
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -13,9 +16,12 @@ use axum::routing::{get, post};
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use switchboard_core::UserId;
+
 use crate::auth::Authenticator;
 use crate::http::{self, HttpLimits};
-use crate::service::{HubService, dev_token};
+use crate::service::HubService;
+use crate::transport::error_response;
 
 /// Options of the application around the hub.
 #[derive(Debug, Clone, Default)]
@@ -34,7 +40,9 @@ struct PageState {
 }
 
 /// The application's routes: the chat hub at [`chat::PATH`](crate::chat::PATH), the chat page
-/// at `/`, `GET /healthz`, and with [`AppOptions::dev_tokens`] `POST /auth/dev-token`.
+/// at `/`, `GET /healthz` (the process is up), `GET /readyz` (it can serve: started, lease
+/// renewed, backplane up; 503 with the reasons otherwise), and with
+/// [`AppOptions::dev_tokens`] `POST /auth/dev-token`.
 pub fn router(chat: &HubService, auth: &Authenticator, options: &AppOptions) -> Router {
     let state = PageState {
         chat: chat.clone(),
@@ -46,6 +54,7 @@ pub fn router(chat: &HubService, auth: &Authenticator, options: &AppOptions) -> 
         .route("/chat.css", get(style))
         .route("/vendor/{file}", get(vendor))
         .route("/healthz", get(health))
+        .route("/readyz", get(ready))
         .with_state(state)
         .nest(crate::chat::PATH, chat.router());
     if options.dev_tokens {
@@ -154,6 +163,38 @@ async fn vendor(State(state): State<PageState>, Path(file): Path<String>) -> Res
     }
 }
 
+async fn ready(State(state): State<PageState>) -> Response {
+    let readiness = state.chat.readiness();
+    let status = if readiness.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut problems = Vec::new();
+    if !readiness.started {
+        problems.push("the hub has not started".to_owned());
+    }
+    if readiness.shutting_down {
+        problems.push("the server is shutting down".to_owned());
+    }
+    problems.extend(readiness.store.iter().cloned());
+    problems.extend(
+        readiness
+            .backplane
+            .iter()
+            .map(|b| format!("backplane: {b}")),
+    );
+    (
+        status,
+        axum::Json(json!({
+            "status": if readiness.is_ready() { "ready" } else { "unavailable" },
+            "node": state.chat.node().as_str(),
+            "problems": problems,
+        })),
+    )
+        .into_response()
+}
+
 async fn health(State(state): State<PageState>) -> Response {
     let caps = state.chat.store().capabilities();
     axum::Json(json!({
@@ -163,4 +204,24 @@ async fn health(State(state): State<PageState>) -> Response {
         "localConnections": state.chat.local_connections(),
     }))
     .into_response()
+}
+
+/// Issues development tokens; only routed when the server runs with `--dev`.
+async fn dev_token(
+    State(auth): State<Authenticator>,
+    Json(body): Json<serde_json::Value>,
+) -> Response {
+    let Some(raw) = body.get("user").and_then(|u| u.as_str()) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "expected a JSON body like {\"user\":\"alice\"}",
+        );
+    };
+    match UserId::new(raw) {
+        Ok(user) => {
+            let token = auth.issue(&user, Duration::from_secs(12 * 3600));
+            Json(json!({ "token": token, "user": user.as_str() })).into_response()
+        }
+        Err(e) => error_response(StatusCode::BAD_REQUEST, &e.to_string()),
+    }
 }

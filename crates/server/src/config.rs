@@ -49,10 +49,15 @@ pub struct HubOptions {
     pub read_buffer_size: usize,
     /// WebSocket write buffer target per connection, in bytes. Default 8 KiB.
     pub write_buffer_size: usize,
-    /// Node lease length for stores with leases. Default 30 s.
+    /// Node lease length for stores with leases (`--node-lease`). The node renews its lease,
+    /// retries failed removals and sweeps expired nodes every third of it
+    /// ([`HubOptions::heartbeat_interval`]). A node that crashed is invisible to lookups at
+    /// most this long after its last renewal, and its records are deleted at most a third of
+    /// it later. Default 30 s.
     pub lease: Duration,
-    /// How often the node renews its lease and sweeps expired nodes. Default 10 s.
-    pub heartbeat_interval: Duration,
+    /// Removals from the store that failed and wait to be retried; past it, the oldest is
+    /// given up (and logged). Default 100 000.
+    pub max_pending_removals: usize,
     /// How long shutdown waits for sessions to close and clean up. Default 10 s.
     pub shutdown_grace: Duration,
     /// Offer stateful reconnect to clients that ask for it. Default `true`.
@@ -85,7 +90,7 @@ impl Default for HubOptions {
             read_buffer_size: 2 * 1024,
             write_buffer_size: 8 * 1024,
             lease: Duration::from_secs(30),
-            heartbeat_interval: Duration::from_secs(10),
+            max_pending_removals: 100_000,
             shutdown_grace: Duration::from_secs(10),
             stateful_reconnect: true,
             reconnect_window: Duration::from_secs(15),
@@ -188,11 +193,23 @@ impl HubOptions {
         self
     }
 
-    /// Sets [`HubOptions::lease`] and [`HubOptions::heartbeat_interval`].
+    /// Sets [`HubOptions::lease`] (at least 30 ms, so a third of it is a usable interval).
     #[must_use]
-    pub fn with_lease(mut self, lease: Duration, heartbeat_interval: Duration) -> Self {
-        self.lease = lease;
-        self.heartbeat_interval = heartbeat_interval;
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_millis(30));
+        self
+    }
+
+    /// How often the node renews its lease, retries failed removals and sweeps: a third of
+    /// [`HubOptions::lease`].
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.lease / 3
+    }
+
+    /// Sets [`HubOptions::max_pending_removals`].
+    #[must_use]
+    pub fn with_max_pending_removals(mut self, value: usize) -> Self {
+        self.max_pending_removals = value;
         self
     }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use switchboard_core::{
-    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, Lease, NodeId, PageRequest,
-    Removal, StoreError, UserId, UserPage,
+    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, Lease, NodeId,
+    PageRequest, Removal, StoreError, UserId, UserPage,
 };
 
 /// Wraps a store so that every call fails with [`StoreError::Timeout`] when it takes longer

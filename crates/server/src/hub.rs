@@ -28,9 +28,11 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
-use switchboard_core::{ConnectionId, StoreError, UserId};
+use switchboard_core::{Address, BackplaneError, ConnectionId, StoreError, UserId};
 
-use crate::delivery::Core;
+pub use crate::delivery::{Delivery, Forwarded};
+use crate::delivery::{DeliveryError, Router, Target};
+use crate::registry::Joined;
 
 /// A boxed, sendable future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -53,6 +55,9 @@ pub enum HubError {
     /// The connection store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The backplane between nodes failed (joining a group that spans nodes).
+    #[error(transparent)]
+    Backplane(#[from] BackplaneError),
     /// A value could not be serialized.
     #[error("serialization failed: {0}")]
     Serialize(#[from] serde_json::Error),
@@ -75,31 +80,21 @@ impl HubError {
             Self::Store(e) if e.is_transient() => format!(
                 "Failed to invoke '{method}': the connection store is unavailable; try again later."
             ),
-            Self::Store(_) | Self::Serialize(_) => {
+            Self::Backplane(e) if e.is_transient() => format!(
+                "Failed to invoke '{method}': the servers cannot reach each other right now; try again later."
+            ),
+            Self::Store(_) | Self::Backplane(_) | Self::Serialize(_) => {
                 format!("An unexpected error occurred invoking '{method}' on the server.")
             }
         }
     }
 }
 
-/// How many connections a send reached (on this node, or handed to a backplane).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[must_use]
-#[non_exhaustive]
-pub struct Delivery {
-    /// Connections the message was queued for.
-    pub connections: usize,
-    /// Connections the message could not be delivered to because they do not read their
-    /// messages: their queue stayed full for the whole
-    /// [`send_timeout`](crate::HubOptions::send_timeout). Those connections are being closed.
-    pub not_reading: usize,
-}
-
-impl Delivery {
-    /// Whether the message reached nobody and nobody was there to reach: the target has no
-    /// live connection.
-    pub fn nobody_there(&self) -> bool {
-        self.connections == 0 && self.not_reading == 0
+impl From<DeliveryError> for HubError {
+    fn from(error: DeliveryError) -> Self {
+        match error {
+            DeliveryError::Store(e) => Self::Store(e),
+        }
     }
 }
 
@@ -121,10 +116,10 @@ impl fmt::Debug for HubContext {
 }
 
 impl HubContext {
-    pub(crate) fn new(core: Arc<Core>, user: UserId, connection_id: ConnectionId) -> Self {
+    pub(crate) fn new(router: Arc<Router>, user: UserId, connection_id: ConnectionId) -> Self {
         Self {
             clients: Clients {
-                core,
+                router,
                 caller: connection_id.clone(),
             },
             user,
@@ -151,7 +146,7 @@ impl HubContext {
 /// Picks which clients to call.
 #[derive(Clone)]
 pub struct Clients {
-    core: Arc<Core>,
+    router: Arc<Router>,
     caller: ConnectionId,
 }
 
@@ -161,69 +156,96 @@ impl Clients {
         self.proxy(Target::Connection(self.caller.clone()))
     }
 
-    /// One connection, by its public id.
+    /// One connection, by its public id, on whichever node holds it (the id names its node).
     pub fn client(&self, id: &ConnectionId) -> ClientProxy<'_> {
         self.proxy(Target::Connection(id.clone()))
     }
 
-    /// Every live connection of a user (every device and tab).
+    /// Every live connection of a user (every device and tab), on every node.
     pub fn user(&self, user: &UserId) -> ClientProxy<'_> {
         self.proxy(Target::User(user.clone()))
     }
 
-    /// Every member of a group.
+    /// Every member of a group: on this node directly, on other nodes through the backplane.
+    /// Without a backplane, only the members on this node.
     pub fn group(&self, group: &str) -> ClientProxy<'_> {
-        self.proxy(Target::Group(group.to_owned()))
+        self.proxy(Target::Group(Arc::from(group)))
     }
 
-    /// Every connection of this hub.
+    /// Every connection of this hub: on this node directly, on other nodes through the
+    /// backplane. Without a backplane, only the connections on this node.
     pub fn all(&self) -> ClientProxy<'_> {
         self.proxy(Target::All)
     }
 
-    /// Adds the calling connection to a group.
-    pub fn join_group(&self, group: &str) -> bool {
-        self.core.registry.join(&self.caller, group)
+    /// Adds the calling connection to a group. With a backplane, the node subscribes to the
+    /// group's channel when this is the group's first member here.
+    ///
+    /// # Errors
+    ///
+    /// [`HubError::Backplane`] when the node could not subscribe; the connection is then not a
+    /// member.
+    pub async fn join_group(&self, group: &str) -> Result<(), HubError> {
+        let router = &self.router;
+        if router.registry.join(&self.caller, group) != Joined::Now {
+            return Ok(());
+        }
+        let Some(backplane) = router.channels() else {
+            return Ok(());
+        };
+        let address = Address::Group(Arc::from(group));
+        if let Err(e) = router.subscriptions.acquire(&**backplane, &address).await {
+            let _ = router.registry.leave(&self.caller, group);
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     /// Takes the calling connection out of a group. Returns whether it was a member.
-    pub fn leave_group(&self, group: &str) -> bool {
-        self.core.registry.leave(&self.caller, group)
+    ///
+    /// # Errors
+    ///
+    /// None today; fallible so that groups held elsewhere can be left the same way.
+    pub async fn leave_group(&self, group: &str) -> Result<bool, HubError> {
+        let router = &self.router;
+        if !router.registry.leave(&self.caller, group) {
+            return Ok(false);
+        }
+        if let Some(backplane) = router.channels() {
+            router
+                .subscriptions
+                .release(&**backplane, &Address::Group(Arc::from(group)))
+                .await;
+        }
+        Ok(true)
     }
 
     fn proxy(&self, target: Target) -> ClientProxy<'_> {
         ClientProxy {
-            core: &self.core,
+            router: &self.router,
             target,
         }
     }
 }
 
-#[derive(Debug, Clone)]
-pub(crate) enum Target {
-    Connection(ConnectionId),
-    User(UserId),
-    Group(String),
-    All,
-}
-
 /// Calls a client method on the chosen connections.
 pub struct ClientProxy<'a> {
-    core: &'a Core,
+    router: &'a Router,
     target: Target,
 }
 
 impl<'a> ClientProxy<'a> {
-    pub(crate) fn new(core: &'a Core, target: Target) -> Self {
-        Self { core, target }
+    pub(crate) fn new(router: &'a Router, target: Target) -> Self {
+        Self { router, target }
     }
 }
 
 impl ClientProxy<'_> {
     /// Calls `method` with `arguments` (anything serializing to a JSON array, usually a tuple:
     /// `&("text",)`) on every chosen connection, exactly once each. The message is serialized
-    /// once for all recipients. Returns how many connections it reached, and how many could not
-    /// take it because they do not read their messages.
+    /// once for all recipients, on every node. Returns what it reached: connections here,
+    /// connections handed to other nodes, channel publications, and what could not be
+    /// reached (see [`Delivery`]).
     ///
     /// A recipient whose queue is full makes this call wait for room (up to
     /// [`HubOptions::send_timeout`](crate::HubOptions::send_timeout)): a fast sender is slowed
@@ -239,7 +261,7 @@ impl ClientProxy<'_> {
         arguments: &A,
     ) -> Result<Delivery, HubError> {
         let record = crate::protocol::invocation(method, &arguments)?;
-        self.core.deliver(&self.target, record).await
+        Ok(self.router.deliver(&self.target, record.into()).await?)
     }
 }
 

@@ -12,20 +12,17 @@
 //! ```no_run
 //! use std::sync::Arc;
 //! use switchboard::{HubOptions, HubService, auth, chat};
-//! use switchboard_core::NodeId;
 //! use switchboard_memory::MemoryStore;
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let auth = auth::Authenticator::new(auth::JwtConfig::new(
 //!     std::env::var("JWT_SECRET")?.into_bytes(),
 //! )?);
-//! let hub = HubService::new(
-//!     chat::hub(),
-//!     Arc::new(MemoryStore::new()),
-//!     NodeId::new("node-1")?,
-//!     auth,
-//!     HubOptions::default(),
-//! );
+//! let hub = HubService::builder(chat::hub(), Arc::new(MemoryStore::new()), auth)
+//!     .options(HubOptions::default())
+//!     .build();
+//! // Takes the node's lease and starts its background work; connections are refused before.
+//! hub.start().await?;
 //! let app = axum::Router::new().nest(chat::PATH, hub.router());
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:5000").await?;
 //! // Not `axum::serve`: it has no header-read timeout and no connection caps, so idle or
@@ -44,7 +41,7 @@
 //! | module | what |
 //! |---|---|
 //! | [`hub`] | the hub API: methods, context, client proxies, lifecycle hooks |
-//! | [`service`] | [`HubService`]: negotiate, WebSocket transport, store wiring, shutdown |
+//! | [`service`] | [`HubService`]: the builder, `start` (lease, backplane, maintenance), readiness, shutdown |
 //! | [`protocol`] | the SignalR JSON hub protocol |
 //! | [`auth`] | JWT (HS256) bearer authentication |
 //! | [`chat`] | the chat hub |
@@ -62,13 +59,17 @@ mod delivery;
 pub mod http;
 pub mod hub;
 mod mailbox;
+mod maintenance;
 pub mod protocol;
 mod registry;
 pub mod service;
 mod session;
+mod state;
 pub mod stores;
+mod subscriptions;
 mod throttle;
 mod tokens;
+mod transport;
 
 pub use config::HubOptions;
-pub use service::HubService;
+pub use service::{HubService, HubServiceBuilder, Readiness, StartError};

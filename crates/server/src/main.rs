@@ -9,9 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use switchboard::app::{self, AppOptions};
 use switchboard::auth::{Authenticator, JwtConfig};
 use switchboard::http::{self, HttpLimits};
-use switchboard::stores::{self, StoreKind};
+use switchboard::stores::{self, BackplaneKind, StoreKind};
 use switchboard::{HubOptions, HubService, chat};
-use switchboard_core::{Capabilities, NodeId};
+use switchboard_core::Capabilities;
 use tracing_subscriber::EnvFilter;
 
 /// Switchboard: a SignalR-compatible hub server that knows which user is behind which
@@ -54,9 +54,26 @@ struct ServeArgs {
     /// The token claim that names the user.
     #[arg(long, env = "SWITCHBOARD_USER_CLAIM", default_value = "sub")]
     user_claim: String,
-    /// This node's id (default: random).
-    #[arg(long, env = "SWITCHBOARD_NODE_ID")]
-    node_id: Option<String>,
+    /// A readable prefix for this node's id; every start adds a fresh random suffix, so a
+    /// restarted node never takes over its predecessor's records.
+    #[arg(long, env = "SWITCHBOARD_NODE_ID", default_value = switchboard::service::DEFAULT_NODE_PREFIX)]
+    node_id: String,
+    /// Seconds of this node's lease in a store with leases: the node renews it every third;
+    /// a crashed node's connections stop counting at most this long after its last renewal.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_NODE_LEASE",
+        default_value_t = HubOptions::default().lease.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    node_lease: u64,
+    /// Removals from the store that failed and wait for a retry; past it the oldest is given
+    /// up (logged).
+    #[arg(long, env = "SWITCHBOARD_MAX_PENDING_REMOVALS", default_value_t = HubOptions::default().max_pending_removals)]
+    max_pending_removals: usize,
+    /// How messages reach connections on other nodes.
+    #[arg(long, env = "SWITCHBOARD_BACKPLANE", value_enum, default_value_t = BackplaneKind::None)]
+    backplane: BackplaneKind,
     /// Directory with the SignalR browser client, served under /vendor/.
     #[arg(
         long,
@@ -219,10 +236,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("{banner}");
     }
     let store = stores::open(args.store).await?;
-    let node = match &args.node_id {
-        Some(id) => NodeId::new(id).context("invalid --node-id")?,
-        None => switchboard::service::random_node_id(),
-    };
+    let node = switchboard::service::fresh_node_id(&args.node_id)
+        .context("invalid --node-id prefix (use at most 55 characters from A-Z a-z 0-9 - . _ ~)")?;
     let options = HubOptions::default()
         .with_max_record_size(args.max_message_size)
         .with_keep_alive_interval(Duration::from_secs(args.keep_alive))
@@ -236,11 +251,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_max_pending_negotiations(args.max_pending_negotiations)
         .with_max_pending_negotiations_per_user(args.max_pending_negotiations_per_user)
         .with_negotiate_ttl(Duration::from_secs(args.negotiate_timeout.max(1)))
-        .with_store_timeout(seconds(args.store_timeout, "--store-timeout")?);
-    let hub = HubService::new(chat::hub(), store, node.clone(), auth.clone(), options);
-    hub.start_maintenance()
-        .await
-        .context("taking this node's lease in the store")?;
+        .with_store_timeout(seconds(args.store_timeout, "--store-timeout")?)
+        .with_lease(Duration::from_secs(args.node_lease))
+        .with_max_pending_removals(args.max_pending_removals);
+    let mut builder = HubService::builder(chat::hub(), store, auth.clone())
+        .node(node.clone())
+        .options(options);
+    if let Some(backplane) = stores::open_backplane(args.backplane).await? {
+        builder = builder.backplane(backplane);
+    }
+    let hub = builder.build();
+    hub.start().await.context("starting the hub")?;
     let router = app::router(
         &hub,
         &auth,
@@ -254,6 +275,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let address = listener.local_addr().context("reading the bound address")?;
     tracing::info!(
         store = %args.store,
+        backplane = %args.backplane,
         node = %node,
         "Switchboard listening on http://{address} (chat hub at {})",
         chat::PATH

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
-use switchboard_core::{ConnectionId, UserId};
+use switchboard_core::{ConnectionId, ConnectionRecord, UserId};
 
 use crate::mailbox::{Closing, Mailbox, Offer, Sent};
 
@@ -22,8 +22,20 @@ use crate::mailbox::{Closing, Mailbox, Offer, Sent};
 #[derive(Debug)]
 struct LocalConnection {
     mailbox: Arc<Mailbox>,
-    user: UserId,
+    /// What the store holds for it, kept to record it again when the store lost it.
+    record: ConnectionRecord,
     groups: Vec<Arc<str>>,
+}
+
+/// What [`Registry::join`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Joined {
+    /// The connection joined the group now.
+    Now,
+    /// It was a member already.
+    Already,
+    /// No such connection on this node.
+    NotLocal,
 }
 
 /// A user already holds as many connections on this node as allowed.
@@ -95,17 +107,17 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
-    /// Registers a connection of `user`; returns its mailbox, which holds at most
-    /// `queue_size` bytes of records. Refused when `user` already has `max_per_user`
+    /// Registers the connection of `record`; returns its mailbox, which holds at most
+    /// `queue_size` bytes of records. Refused when its user already has `max_per_user`
     /// connections here.
     pub(crate) fn insert(
         &self,
-        id: ConnectionId,
-        user: &UserId,
+        record: &ConnectionRecord,
         queue_size: usize,
         max_per_user: usize,
     ) -> Result<Arc<Mailbox>, TooManyConnections> {
-        let mut ids = self.users.entry(user.clone()).or_default();
+        let id = record.id().clone();
+        let mut ids = self.users.entry(record.user().clone()).or_default();
         if ids.len() >= max_per_user.max(1) {
             return Err(TooManyConnections {
                 limit: max_per_user.max(1),
@@ -119,7 +131,7 @@ impl Registry {
             id,
             LocalConnection {
                 mailbox: mailbox.clone(),
-                user: user.clone(),
+                record: record.clone(),
                 groups: Vec::new(),
             },
         );
@@ -127,22 +139,42 @@ impl Registry {
     }
 
     /// Unregisters a connection, takes it out of its user's index and its groups, and wakes any
-    /// sender waiting for room in its queue.
-    pub(crate) fn remove(&self, id: &ConnectionId) {
-        let Some((_, conn)) = self.connections.remove(id) else {
-            return;
-        };
+    /// sender waiting for room in its queue. Returns the groups it was a member of, or `None`
+    /// when it was not registered.
+    pub(crate) fn remove(&self, id: &ConnectionId) -> Option<Vec<Arc<str>>> {
+        let (_, conn) = self.connections.remove(id)?;
         conn.mailbox.close(Closing::Gone);
-        self.users.remove_if_mut(&conn.user, |_, ids| {
+        self.users.remove_if_mut(conn.record.user(), |_, ids| {
             ids.retain(|c| c != id);
             ids.is_empty()
         });
-        for group in conn.groups {
-            self.groups.remove_if_mut(&group, |_, members| {
+        for group in &conn.groups {
+            self.groups.remove_if_mut(group, |_, members| {
                 members.remove(id);
                 members.is_empty()
             });
         }
+        Some(conn.groups)
+    }
+
+    /// The store records of every local connection, as registered.
+    pub(crate) fn records(&self) -> Vec<ConnectionRecord> {
+        self.connections
+            .iter()
+            .map(|conn| conn.record.clone())
+            .collect()
+    }
+
+    /// Replaces the store record kept for a connection (after it re-attached).
+    pub(crate) fn set_record(&self, record: &ConnectionRecord) {
+        if let Some(mut conn) = self.connections.get_mut(record.id()) {
+            conn.record = record.clone();
+        }
+    }
+
+    /// Whether the connection is on this node.
+    pub(crate) fn contains(&self, id: &ConnectionId) -> bool {
+        self.connections.contains_key(id)
     }
 
     /// Number of local connections.
@@ -164,13 +196,23 @@ impl Registry {
         fanout: &mut Fanout,
     ) {
         for id in ids {
-            self.offer_one(id, record, fanout);
+            let _local = self.offer_one(id, record, fanout);
         }
     }
 
-    fn offer_one(&self, id: &ConnectionId, record: &Utf8Bytes, fanout: &mut Fanout) {
-        if let Some(conn) = self.connections.get(id) {
-            fanout.offer(&conn.mailbox, record);
+    /// Offers `record` to one connection; returns whether it is on this node.
+    pub(crate) fn offer_one(
+        &self,
+        id: &ConnectionId,
+        record: &Utf8Bytes,
+        fanout: &mut Fanout,
+    ) -> bool {
+        match self.connections.get(id) {
+            Some(conn) => {
+                fanout.offer(&conn.mailbox, record);
+                true
+            }
+            None => false,
         }
     }
 
@@ -200,13 +242,13 @@ impl Registry {
         }
     }
 
-    /// Adds a local connection to a group. Returns false if the connection is not local.
-    pub(crate) fn join(&self, id: &ConnectionId, group: &str) -> bool {
+    /// Adds a local connection to a group.
+    pub(crate) fn join(&self, id: &ConnectionId, group: &str) -> Joined {
         let Some(mut conn) = self.connections.get_mut(id) else {
-            return false;
+            return Joined::NotLocal;
         };
         if conn.groups.iter().any(|g| &**g == group) {
-            return true;
+            return Joined::Already;
         }
         let name: Arc<str> = Arc::from(group);
         // Joined while the connection's entry is locked: a concurrent `remove` either ran
@@ -216,7 +258,7 @@ impl Registry {
             .or_default()
             .insert(id.clone());
         conn.groups.push(name);
-        true
+        Joined::Now
     }
 
     /// Takes a local connection out of a group. Returns whether it was a member.
@@ -247,6 +289,15 @@ mod tests {
         UserId::new(s).expect("valid")
     }
 
+    fn rec(conn: &str, u: &str) -> ConnectionRecord {
+        ConnectionRecord::new(
+            id(conn),
+            user(u),
+            switchboard_core::NodeId::new("n").expect("valid"),
+            std::time::SystemTime::UNIX_EPOCH,
+        )
+    }
+
     fn members(registry: &Registry, group: &str) -> Vec<ConnectionId> {
         let mut members: Vec<ConnectionId> = registry
             .groups
@@ -260,17 +311,25 @@ mod tests {
     #[test]
     fn groups_follow_their_members() {
         let registry = Registry::default();
-        let _a = registry.insert(id("a"), &user("ann"), 1024, 8);
-        let _b = registry.insert(id("b"), &user("bob"), 1024, 8);
-        assert!(registry.join(&id("a"), "room"));
-        assert!(registry.join(&id("b"), "room"));
-        assert!(registry.join(&id("b"), "room"), "joining twice is harmless");
-        assert!(
-            !registry.join(&id("zz"), "room"),
+        let _a = registry.insert(&rec("a", "ann"), 1024, 8);
+        let _b = registry.insert(&rec("b", "bob"), 1024, 8);
+        assert_eq!(registry.join(&id("a"), "room"), Joined::Now);
+        assert_eq!(registry.join(&id("b"), "room"), Joined::Now);
+        assert_eq!(
+            registry.join(&id("b"), "room"),
+            Joined::Already,
+            "joining twice is harmless"
+        );
+        assert_eq!(
+            registry.join(&id("zz"), "room"),
+            Joined::NotLocal,
             "unknown connections cannot join"
         );
         assert_eq!(members(&registry, "room"), [id("a"), id("b")]);
-        registry.remove(&id("a"));
+        assert_eq!(
+            registry.remove(&id("a")),
+            Some(vec![Arc::<str>::from("room")])
+        );
         assert_eq!(members(&registry, "room"), [id("b")]);
         assert!(registry.leave(&id("b"), "room"));
         assert!(members(&registry, "room").is_empty());
@@ -280,13 +339,11 @@ mod tests {
     #[test]
     fn users_are_indexed_apart_from_groups() {
         let registry = Registry::default();
-        let bob = registry
-            .insert(id("b1"), &user("bob"), 1024, 8)
-            .expect("room");
-        let _eve = registry.insert(id("e1"), &user("eve"), 1024, 8);
+        let bob = registry.insert(&rec("b1", "bob"), 1024, 8).expect("room");
+        let _eve = registry.insert(&rec("e1", "eve"), 1024, 8);
         // Whatever name a client picks for a group, it is only a group.
         for name in ["\u{0}user:bob", "user:bob", "bob"] {
-            assert!(registry.join(&id("e1"), name));
+            assert_eq!(registry.join(&id("e1"), name), Joined::Now);
         }
         let record = Utf8Bytes::from_static("{}\u{1e}");
         let mut fanout = Fanout::default();
@@ -297,7 +354,7 @@ mod tests {
             assert_eq!(members(&registry, name), [id("e1")]);
         }
         assert_eq!(registry.user_connections(&user("bob")), 1);
-        registry.remove(&id("b1"));
+        let _ = registry.remove(&id("b1"));
         assert_eq!(registry.user_connections(&user("bob")), 0);
         assert!(
             !registry.users.contains_key(&user("bob")),
@@ -308,25 +365,23 @@ mod tests {
     #[test]
     fn a_user_holds_at_most_the_allowed_connections() {
         let registry = Registry::default();
-        assert!(registry.insert(id("a1"), &user("ann"), 1024, 2).is_ok());
-        assert!(registry.insert(id("a2"), &user("ann"), 1024, 2).is_ok());
+        assert!(registry.insert(&rec("a1", "ann"), 1024, 2).is_ok());
+        assert!(registry.insert(&rec("a2", "ann"), 1024, 2).is_ok());
         assert_eq!(
-            registry.insert(id("a3"), &user("ann"), 1024, 2).err(),
+            registry.insert(&rec("a3", "ann"), 1024, 2).err(),
             Some(TooManyConnections { limit: 2 })
         );
-        assert!(registry.insert(id("b1"), &user("bob"), 1024, 2).is_ok());
-        registry.remove(&id("a1"));
-        assert!(registry.insert(id("a3"), &user("ann"), 1024, 2).is_ok());
+        assert!(registry.insert(&rec("b1", "bob"), 1024, 2).is_ok());
+        let _ = registry.remove(&id("a1"));
+        assert!(registry.insert(&rec("a3", "ann"), 1024, 2).is_ok());
         assert_eq!(registry.len(), 3);
     }
 
     #[test]
     fn a_removed_connection_is_gone_for_senders() {
         let registry = Registry::default();
-        let mailbox = registry
-            .insert(id("a"), &user("ann"), 1024, 8)
-            .expect("room");
-        registry.remove(&id("a"));
+        let mailbox = registry.insert(&rec("a", "ann"), 1024, 8).expect("room");
+        let _ = registry.remove(&id("a"));
         assert_eq!(mailbox.closing(), Some(Closing::Gone));
         let mut fanout = Fanout::default();
         registry.offer(&[id("a")], &Utf8Bytes::from_static("x"), &mut fanout);

@@ -1,9 +1,14 @@
-//! The stores compiled into this build, chosen at run time by name (`--store`).
+//! The stores and backplanes compiled into this build, chosen at run time by name (`--store`,
+//! `--backplane`).
+//!
+//! Each store beyond `memory` comes with a Cargo feature of the server (`groups`, `sql`,
+//! `azure`; `all-stores` builds every one). A kind whose backend is not compiled in answers
+//! [`OpenError::NotCompiled`], naming what the build has.
 
 use std::fmt;
 use std::sync::Arc;
 
-use switchboard_core::{Capabilities, ConnectionStore};
+use switchboard_core::{Backplane, Capabilities, ConnectionStore};
 use switchboard_memory::MemoryStore;
 
 /// The four user-mapping strategies, by their `--store` name.
@@ -27,6 +32,33 @@ impl fmt::Display for StoreKind {
             Self::Sql => "sql",
             Self::Azure => "azure",
         })
+    }
+}
+
+/// The backplanes, by their `--backplane` name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[non_exhaustive]
+pub enum BackplaneKind {
+    /// No backplane: one node, or a shared store whose other nodes cannot be reached.
+    None,
+}
+
+impl fmt::Display for BackplaneKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+        })
+    }
+}
+
+/// Opens the backplane `kind`; `None` for [`BackplaneKind::None`].
+///
+/// # Errors
+///
+/// [`OpenError`] when the backplane cannot be opened.
+pub async fn open_backplane(kind: BackplaneKind) -> Result<Option<Arc<dyn Backplane>>, OpenError> {
+    match kind {
+        BackplaneKind::None => Ok(None),
     }
 }
 

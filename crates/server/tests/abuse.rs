@@ -519,6 +519,7 @@ impl ConnectionStore for NoLookupStore {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             lookup: false,
+            leases: false,
             ..self.0.capabilities()
         }
     }
@@ -541,7 +542,8 @@ async fn no_group_name_a_client_picks_reaches_another_users_deliveries() {
     let hub = switchboard::chat::hub().method(
         "JoinGroup",
         |ctx: HubContext, (name,): (String,)| async move {
-            Ok::<_, HubError>(ctx.clients().join_group(&name))
+            ctx.clients().join_group(&name).await?;
+            Ok::<_, HubError>(true)
         },
     );
     let server = TestServer::start_with(

@@ -24,14 +24,10 @@ async fn main() -> anyhow::Result<()> {
     // Development only: a fixed secret and the dev-token endpoint.
     let auth = Authenticator::new(JwtConfig::new("example-secret-example-secret-example!")?);
     let store = Arc::new(LimitedStore::new(Arc::new(MemoryStore::new()), 3));
-    let hub = HubService::new(
-        chat::hub(),
-        store,
-        switchboard::service::random_node_id(),
-        auth.clone(),
-        HubOptions::default(),
-    );
-    hub.start_maintenance().await?;
+    let hub = HubService::builder(chat::hub(), store, auth.clone())
+        .options(HubOptions::default())
+        .build();
+    hub.start().await?;
     let router = app::router(
         &hub,
         &auth,

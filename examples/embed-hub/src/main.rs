@@ -30,11 +30,14 @@ fn notify_hub() -> Hub {
         |ctx: HubContext, (who, text): (String, String)| async move {
             let who = UserId::new(&who).map_err(|e| HubError::client(e.to_string()))?;
             let reached = ctx.clients().user(&who).send("notify", &(text,)).await?;
-            Ok::<_, HubError>(reached.connections)
+            Ok::<_, HubError>(reached.reached())
         },
     )
 }
 
+/// `POST /api/notify/{user}`: pushes a notification from the application's own code. This
+/// example leaves it unauthenticated to stay short: a real application puts it behind its own
+/// authentication, or anyone could message any user.
 async fn push(
     State(hub): State<HubService>,
     Path(user): Path<String>,
@@ -47,7 +50,7 @@ async fn push(
         .send("notify", &(text,))
         .await
         .map_err(|e| (axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    Ok(format!("reached {} connection(s)\n", reached.connections))
+    Ok(format!("reached {} connection(s)\n", reached.reached()))
 }
 
 #[tokio::main]
@@ -56,14 +59,10 @@ async fn main() -> anyhow::Result<()> {
     let secret = std::env::var("SWITCHBOARD_JWT_SECRET")
         .context("set SWITCHBOARD_JWT_SECRET to a secret of at least 32 bytes")?;
     let auth = Authenticator::new(JwtConfig::new(secret)?);
-    let hub = HubService::new(
-        notify_hub(),
-        Arc::new(MemoryStore::new()),
-        switchboard::service::random_node_id(),
-        auth,
-        HubOptions::default(),
-    );
-    hub.start_maintenance().await?;
+    let hub = HubService::builder(notify_hub(), Arc::new(MemoryStore::new()), auth)
+        .options(HubOptions::default())
+        .build();
+    hub.start().await?;
 
     let app = Router::new()
         .route(

@@ -440,7 +440,10 @@ pub async fn sweep_removes_only_expired_nodes(harness: &dyn Harness) {
         .sweep()
         .await
         .unwrap_or_else(|e| panic!("sweep failed: {e}"));
-    assert_eq!(swept, 3, "node-b expired (b1, b2), node-c never had a lease (c1)");
+    assert_eq!(
+        swept, 3,
+        "node-b expired (b1, b2), node-c never had a lease (c1)"
+    );
     if let Some(ids) = live_ids(&*store, &user("ann")).await {
         assert_eq!(
             ids,
@@ -461,7 +464,13 @@ pub async fn sweep_removes_only_expired_nodes(harness: &dyn Harness) {
     // node-b comes back: its lease was swept, so it takes a new one.
     assert_eq!(beat(b.clone(), LONG_LEASE).await, Lease::Taken);
     add_ok(&*store, record("b3", "bob", "node-b")).await;
-    assert_eq!(store.sweep().await.unwrap_or_else(|e| panic!("sweep failed: {e}")), 0);
+    assert_eq!(
+        store
+            .sweep()
+            .await
+            .unwrap_or_else(|e| panic!("sweep failed: {e}")),
+        0
+    );
     if let Some(ids) = live_ids(&*store, &user("bob")).await {
         assert_eq!(ids, ["b3"]);
     }

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use crate::{
-    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, NodeId, OrphanCleanup,
-    Lease, PageRequest, Removal, Speed, StoreError, UserId, UserListing, UserPage,
+    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, Lease, NodeId,
+    OrphanCleanup, PageRequest, Removal, Speed, StoreError, UserId, UserListing, UserPage,
 };
 
 #[derive(Debug, Default)]

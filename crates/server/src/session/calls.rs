@@ -17,7 +17,7 @@ use tracing::{error, warn};
 use super::{ConnectionInfo, End, Session, Until};
 use crate::config::HubOptions;
 use crate::hub::{BoxFuture, HubContext, HubError, InvokeError};
-use crate::service::Inner;
+use crate::state::Shared;
 use crate::throttle::Throttle;
 
 /// Log lines about hub methods that failed or panicked: a client decides how often.
@@ -137,14 +137,14 @@ impl Future for Call {
 /// Starts a call: looks the method up and decodes its arguments. `Err` carries the
 /// invocation id and the error text for the caller.
 pub(super) fn start(
-    inner: &Inner,
+    inner: &Shared,
     info: &ConnectionInfo,
     invocation_id: Option<Cow<'_, str>>,
     target: &str,
     arguments: &RawValue,
 ) -> Result<Call, (Option<Box<str>>, String)> {
     let id = invocation_id.map(|id| Box::from(id.as_ref()));
-    let ctx = HubContext::new(inner.core.clone(), info.user.clone(), info.id.clone());
+    let ctx = HubContext::new(inner.router.clone(), info.user.clone(), info.id.clone());
     match inner.hub.invoke(ctx, target, arguments) {
         Ok(future) => Ok(Call {
             id,

@@ -4,9 +4,10 @@
 //! | file | what |
 //! |---|---|
 //! | `mod.rs` | the session task: the message loop, writes, Close messages, cleanup |
-//! | `open.rs` | handshake, registration in the registry and the store, `on_connected` |
+//! | `open.rs` | handshake, registration in the registry and the store (**record on open**), `on_connected` |
+//! | `close.rs` | `on_disconnected`, leaving the registry and the store (**remove on close**), on every exit path |
 //! | `calls.rs` | hub method calls: the rate limit, calls in flight, Completions |
-//! | `stateful.rs` | stateful reconnect: numbering, replay, re-attaching transports |
+//! | `stateful.rs` | stateful reconnect: numbering, replay, re-attaching transports (**re-record on re-attach**) |
 //!
 //! # Flow control
 //!
@@ -26,6 +27,7 @@
 //!   case when one socket write blocks for the client timeout.
 
 mod calls;
+mod close;
 mod open;
 mod stateful;
 
@@ -44,10 +46,9 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{Instrument, debug, debug_span, error, warn};
 
-use crate::hub::HubContext;
 use crate::mailbox::{Closing, Mailbox, MailboxEvent};
 use crate::protocol::{self, ClientMessage, ProtocolError, RecordReader, kind};
-use crate::service::Inner;
+use crate::state::Shared;
 use crate::throttle::Throttle;
 
 pub(crate) use self::open::too_many_connections;
@@ -58,7 +59,7 @@ use self::stateful::{Stateful, is_trackable, recv_reattach};
 /// Log lines about dropped, unresponsive clients.
 static UNRESPONSIVE: Throttle = Throttle::new(10, Duration::from_secs(10));
 /// Log lines about sessions that panicked.
-static PANICKED: Throttle = Throttle::new(10, Duration::from_secs(10));
+pub(crate) static PANICKED: Throttle = Throttle::new(10, Duration::from_secs(10));
 /// Log lines about store failures on connect, reconnect and disconnect.
 pub(crate) static STORE_FAILED: Throttle = Throttle::new(10, Duration::from_secs(10));
 
@@ -117,7 +118,7 @@ const UNRESPONSIVE_CLOSE: Duration = Duration::from_secs(1);
 /// Runs a connection to the end and always cleans up: removes it from the local registry and
 /// from the store, runs `on_disconnected` if `on_connected` ran, and releases its token.
 pub(crate) async fn run(
-    inner: Arc<Inner>,
+    inner: Arc<Shared>,
     socket: WebSocket,
     info: ConnectionInfo,
     reattach: Option<Reattach>,
@@ -157,42 +158,14 @@ pub(crate) async fn run(
                 }
             }
         }
-        cleanup(&inner, &info, connected).await;
+        close::cleanup(&inner, &info, connected).await;
     }
     .instrument(span)
     .await;
 }
 
-async fn cleanup(inner: &Inner, info: &ConnectionInfo, connected: bool) {
-    if let Some(token) = &info.token {
-        inner.tokens.remove(token);
-    }
-    if connected {
-        let ctx = HubContext::new(inner.core.clone(), info.user.clone(), info.id.clone());
-        if let Some(hook) = inner.hub.disconnected_hook(ctx)
-            && AssertUnwindSafe(hook).catch_unwind().await.is_err()
-            && let Some(suppressed) = PANICKED.allow()
-        {
-            error!(connection = %info.id, user = %info.user, suppressed, "on_disconnected panicked");
-        }
-    }
-    inner.core.registry.remove(&info.id);
-    if connected
-        && let Err(e) = inner.core.store.remove(&info.user, &info.id).await
-        && let Some(suppressed) = STORE_FAILED.allow()
-    {
-        error!(
-            connection = %info.id,
-            user = %info.user,
-            error = %e,
-            suppressed,
-            "could not remove the connection from the store; it stays until this node's lease expires"
-        );
-    }
-}
-
 async fn serve(
-    inner: &Inner,
+    inner: &Shared,
     socket: WebSocket,
     info: &ConnectionInfo,
     reattach: Option<Reattach>,
@@ -241,7 +214,7 @@ async fn close_socket(socket: &mut WebSocket) {
 
 /// The per-connection state of the message loop.
 struct Session<'a> {
-    inner: &'a Inner,
+    inner: &'a Shared,
     info: &'a ConnectionInfo,
     socket: WebSocket,
     mailbox: Arc<Mailbox>,

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
-use switchboard_core::{ConnectionRecord, StoreError};
+use switchboard_core::{Address, ConnectionRecord, StoreError};
 use tokio::time::{Instant, timeout};
 use tracing::error;
 
@@ -15,17 +15,21 @@ use super::{ConnectionInfo, End, Reattach, STORE_FAILED, Session, close_socket};
 use crate::hub::HubContext;
 use crate::protocol::{self, ProtocolError, RecordReader};
 use crate::registry::TooManyConnections;
-use crate::service::Inner;
+use crate::state::Shared;
 
 /// What the client sees when the store could not record its connection for a while.
 pub(super) const STORE_UNAVAILABLE: &str = "The connection store is unavailable; try again later.";
 
+/// What the client sees when the backplane could not subscribe to its user's channel.
+pub(super) const BACKPLANE_UNAVAILABLE: &str =
+    "The servers cannot reach each other right now; try again later.";
+
 /// The store record of a connection, as this node holds it now.
-pub(super) fn record_of(inner: &Inner, info: &ConnectionInfo) -> ConnectionRecord {
+pub(super) fn record_of(inner: &Shared, info: &ConnectionInfo) -> ConnectionRecord {
     let record = ConnectionRecord::new(
         info.id.clone(),
         info.user.clone(),
-        inner.core.node.clone(),
+        inner.router.node.clone(),
         SystemTime::now(),
     );
     match &info.user_agent {
@@ -37,7 +41,7 @@ pub(super) fn record_of(inner: &Inner, info: &ConnectionInfo) -> ConnectionRecor
 /// Handshake, registration in the local registry and the store, and `on_connected`. Returns
 /// the session, its record reader and any records that followed the handshake.
 pub(super) async fn open<'a>(
-    inner: &'a Inner,
+    inner: &'a Shared,
     mut socket: WebSocket,
     info: &'a ConnectionInfo,
     reattach: Option<Reattach>,
@@ -79,10 +83,10 @@ pub(super) async fn open<'a>(
     // resolves, messages to its user reach it. Anything sent to it meanwhile waits in its
     // mailbox and follows the handshake answer. Register locally first, so deliveries that
     // find the new record also find the socket.
-    let core = &inner.core;
-    let mailbox = match core.registry.insert(
-        info.id.clone(),
-        &info.user,
+    let router = &inner.router;
+    let record = record_of(inner, info);
+    let mailbox = match router.registry.insert(
+        &record,
         options.send_queue_size,
         options.max_connections_per_user,
     ) {
@@ -91,14 +95,29 @@ pub(super) async fn open<'a>(
             return Err(refuse(&mut socket, too_many_connections(limit)).await);
         }
     };
-    if let Err(e) = core.store.add(record_of(inner, info)).await {
+    // Without lookup, messages to a user travel on the user's channel: this node listens to
+    // it while it holds one of the user's connections.
+    if router.user_channels()
+        && let Some(backplane) = router.channels()
+        && let Err(e) = router
+            .subscriptions
+            .acquire(&**backplane, &Address::User(info.user.clone()))
+            .await
+    {
+        let _ = router.registry.remove(&info.id);
+        if let Some(suppressed) = STORE_FAILED.allow() {
+            error!(connection = %info.id, user = %info.user, error = %e, suppressed, "could not subscribe to the user's channel");
+        }
+        return Err(unavailable(&mut socket, BACKPLANE_UNAVAILABLE).await);
+    }
+    if let Err(e) = router.store.add(record).await {
         if let Some(suppressed) = STORE_FAILED.allow() {
             error!(connection = %info.id, user = %info.user, error = %e, suppressed, "could not record the connection");
         }
         return Err(store_refusal(&mut socket, &e).await);
     }
     *connected = true;
-    let ctx = HubContext::new(core.clone(), info.user.clone(), info.id.clone());
+    let ctx = HubContext::new(router.clone(), info.user.clone(), info.id.clone());
     if let Some(hook) = inner.hub.connected_hook(ctx) {
         hook.await;
     }
@@ -150,19 +169,23 @@ async fn store_refusal(socket: &mut WebSocket, e: &StoreError) -> End {
         };
         return refuse(socket, reason).await;
     }
+    unavailable(socket, STORE_UNAVAILABLE).await
+}
+
+/// Answers the handshake and closes at once with `reason`, inviting the client to reconnect:
+/// the failure is transient.
+async fn unavailable(socket: &mut WebSocket, reason: &'static str) -> End {
     let _ = socket
         .send(Message::Text(Utf8Bytes::from_static(
             protocol::HANDSHAKE_OK,
         )))
         .await;
     let _ = socket
-        .send(Message::Text(
-            protocol::close(Some(STORE_UNAVAILABLE), true).into(),
-        ))
+        .send(Message::Text(protocol::close(Some(reason), true).into()))
         .await;
     close_socket(socket).await;
     End::Closed {
-        reason: STORE_UNAVAILABLE.to_owned(),
+        reason: reason.to_owned(),
         reconnect: true,
     }
 }

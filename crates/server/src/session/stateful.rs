@@ -180,23 +180,22 @@ impl Session<'_> {
         self.last_read = Instant::now();
 
         let inner = self.inner;
-        if let Err(e) = inner
-            .core
-            .store
-            .reconnect(record_of(inner, self.info))
-            .await
-            && let Some(suppressed) = STORE_FAILED.allow()
-        {
-            error!(
-                connection = %self.info.id,
-                user = %self.info.user,
-                error = %e,
-                suppressed,
-                "could not record the re-attached connection"
-            );
+        let record = record_of(inner, self.info);
+        inner.router.registry.set_record(&record);
+        if let Err(e) = inner.router.store.reconnect(record).await {
+            if let Some(suppressed) = STORE_FAILED.allow() {
+                error!(
+                    connection = %self.info.id,
+                    user = %self.info.user,
+                    error = %e,
+                    suppressed,
+                    "could not record the re-attached connection; retrying in the background"
+                );
+            }
+            inner.maintenance.rerecord_later();
         }
         let ctx = HubContext::new(
-            inner.core.clone(),
+            inner.router.clone(),
             self.info.user.clone(),
             self.info.id.clone(),
         );

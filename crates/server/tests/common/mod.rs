@@ -18,10 +18,9 @@ use switchboard::auth::{Authenticator, JwtConfig};
 use switchboard::http::HttpLimits;
 use switchboard::hub::Hub;
 use switchboard::{HubOptions, HubService, chat};
-use switchboard_core::testkit::node;
 use switchboard_core::{
-    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Removal, StoreError, UserId,
-    async_trait,
+    Backplane, Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, NodeId, Removal,
+    StoreError, UserId, async_trait,
 };
 use switchboard_memory::MemoryStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -94,6 +93,26 @@ impl TestServer {
         Self::start_inner(hub, store, options, limits, None).await
     }
 
+    /// The chat hub as node `node` of a cluster: sharing `store` (and `backplane`, if any)
+    /// with other nodes in this process.
+    pub async fn start_node(
+        node: NodeId,
+        store: Arc<dyn ConnectionStore>,
+        backplane: Option<Arc<dyn Backplane>>,
+        options: HubOptions,
+    ) -> Self {
+        Self::start_any(
+            chat::hub(),
+            store,
+            options,
+            HttpLimits::default(),
+            None,
+            Some(node),
+            backplane,
+        )
+        .await
+    }
+
     async fn start_inner(
         hub: Hub,
         store: Arc<dyn ConnectionStore>,
@@ -101,8 +120,30 @@ impl TestServer {
         limits: HttpLimits,
         vendor_dir: Option<std::path::PathBuf>,
     ) -> Self {
+        Self::start_any(hub, store, options, limits, vendor_dir, None, None).await
+    }
+
+    async fn start_any(
+        hub: Hub,
+        store: Arc<dyn ConnectionStore>,
+        options: HubOptions,
+        limits: HttpLimits,
+        vendor_dir: Option<std::path::PathBuf>,
+        node: Option<NodeId>,
+        backplane: Option<Arc<dyn Backplane>>,
+    ) -> Self {
         let auth = Authenticator::new(JwtConfig::new(SECRET).expect("strong secret"));
-        let service = HubService::new(hub, store.clone(), node("test-node"), auth.clone(), options);
+        let node = node.unwrap_or_else(|| {
+            switchboard::service::fresh_node_id("test-node").expect("valid prefix")
+        });
+        let mut builder = HubService::builder(hub, store.clone(), auth.clone())
+            .node(node)
+            .options(options);
+        if let Some(backplane) = backplane {
+            builder = builder.backplane(backplane);
+        }
+        let service = builder.build();
+        service.start().await.expect("the hub starts");
         let router = app::router(
             &service,
             &auth,
