@@ -64,13 +64,19 @@ async fn sending_to_an_offline_user_tells_only_the_caller() {
     let mut bob = server.connect("bob").await;
     let mut alice = server.connect("alice").await;
     let mut alice_phone = server.connect("alice").await;
-    let completion = alice
-        .invoke("1", "SendChatMessage", json!(["nobody", "are you there?"]))
+    alice
+        .send_record(
+            r#"{"type":1,"invocationId":"1","target":"SendChatMessage","arguments":["nobody","are you there?"]}"#,
+        )
         .await;
+    // The caller is told, before its Completion.
     assert_eq!(
-        completion["result"],
-        Value::Null,
-        "the call itself succeeds"
+        messages(&mut alice, 2).await,
+        [
+            json!({"type": 1, "target": "showErrorMessage", "arguments": ["The user 'nobody' is not connected."]}),
+            json!({"type": 3, "invocationId": "1", "result": null}),
+        ],
+        "the call itself succeeds, after the error message"
     );
     alice
         .invoke("2", "SendChatMessage", json!(["bob", "marker"]))
