@@ -118,17 +118,38 @@ check_run_command() {
   info "bash scripts/run.sh served $url/ and /vendor/signalr.min.js"
 }
 
+# Store and backplane pairs the end-to-end suite runs against: the whole suite
+# on the first, the official-client interop tests on the others.
+E2E_TARGETS=("memory:none")
+
 run_js_tests() {
-  section "End-to-end tests: node --test web/tests/"
+  local target status=0 first=1
+  for target in "${E2E_TARGETS[@]}"; do
+    if ((first)); then
+      run_js_suite "$target" "$REPO_ROOT"/web/tests/*.test.mjs || status=$?
+      first=0
+    else
+      run_js_suite "$target" "$REPO_ROOT"/web/tests/interop.test.mjs || status=$?
+    fi
+  done
+  return "$status"
+}
+
+# run_js_suite STORE:BACKPLANE FILE...
+run_js_suite() {
+  local store="${1%%:*}" backplane="${1#*:}"
+  shift
+  section "End-to-end tests (store $store, backplane $backplane): node --test web/tests/"
   local started=$SECONDS report status=0
   report="$(mktemp)"
   TEMP_FILES+=("$report")
   # One file at a time: each starts its own servers and browsers, and the
   # timings of the checks are steadier without them competing for the CPU.
-  SWITCHBOARD_BIN="$SWITCHBOARD_BIN" node --test --test-concurrency=1 \
+  SWITCHBOARD_BIN="$SWITCHBOARD_BIN" SWITCHBOARD_E2E_STORE="$store" \
+    SWITCHBOARD_E2E_BACKPLANE="$backplane" node --test --test-concurrency=1 \
     --test-reporter=spec --test-reporter-destination=stdout \
     --test-reporter=tap --test-reporter-destination="$report" \
-    "$REPO_ROOT"/web/tests/*.test.mjs || status=$?
+    "$@" || status=$?
   local passed failed
   passed="$(sed -n 's/^# pass \([0-9]*\)$/\1/p' "$report" | tail -n 1)"
   failed="$(sed -n 's/^# fail \([0-9]*\)$/\1/p' "$report" | tail -n 1)"

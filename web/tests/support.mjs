@@ -128,8 +128,21 @@ export function runBinary(args, { env = {}, timeoutMs = 15_000 } = {}) {
 }
 
 /**
- * Starts `switchboard serve --store memory` on a free loopback port and waits
- * for GET /healthz to answer {"status":"ok"}.
+ * The store and backplane every end-to-end test runs against, from the
+ * environment: SWITCHBOARD_E2E_STORE (default `memory`), SWITCHBOARD_E2E_BACKPLANE
+ * (default `none`) and SWITCHBOARD_E2E_ARGS (extra flags for them, split on
+ * spaces, such as a database URL). `scripts/test.sh` runs the suite once per
+ * configuration it knows how to provide.
+ */
+export const TARGET = {
+  store: process.env.SWITCHBOARD_E2E_STORE || 'memory',
+  backplane: process.env.SWITCHBOARD_E2E_BACKPLANE || 'none',
+  args: (process.env.SWITCHBOARD_E2E_ARGS || '').split(' ').filter(Boolean),
+};
+
+/**
+ * Starts `switchboard serve` with the store and backplane of TARGET on a free
+ * loopback port and waits for GET /healthz to answer {"status":"ok"}.
  *
  * options: dev (bool), jwtSecret (string), args (extra CLI args), env (extra
  * environment), cwd (defaults to the repository root, where the default
@@ -141,7 +154,7 @@ export async function startServer({ dev = false, jwtSecret, args = [], env = {},
   let lastFailure;
   for (let attempt = 0; attempt < 3; attempt++) {
     const port = await freePort();
-    const fullArgs = ['serve', '--store', 'memory', '--listen', `127.0.0.1:${port}`];
+    const fullArgs = ['serve', '--store', TARGET.store, '--backplane', TARGET.backplane, ...TARGET.args, '--listen', `127.0.0.1:${port}`];
     if (dev) fullArgs.push('--dev');
     if (jwtSecret) fullArgs.push('--jwt-secret', jwtSecret);
     fullArgs.push(...args);
