@@ -93,6 +93,246 @@ impl Message {
     }
 }
 
+/// The wire encoding of a [`Message`], version 1.
+///
+/// ```text
+/// version   u8 = 1
+/// origin    len:varint, bytes       NodeId
+/// seq       varint                  u64
+/// to        kind:u8 (0 node, 1 user, 2 group, 3 all), then len:varint, bytes (not for all)
+/// count     varint                  number of connection ids
+/// ids       count × (len:varint, bytes)
+/// payload   len:varint, bytes
+/// ```
+///
+/// Varints are unsigned LEB128 in their shortest form. Every field is length-prefixed and the
+/// message must end exactly after the payload, so a truncated or padded message is refused.
+impl Message {
+    /// The version byte [`encode`](Self::encode) writes and [`decode`](Self::decode) reads.
+    pub const WIRE_VERSION: u8 = 1;
+
+    /// The message in its wire encoding (see the type's documentation for the layout).
+    pub fn encode(&self) -> Bytes {
+        let (kind, name): (u8, &[u8]) = match &self.to {
+            Address::Node(node) => (KIND_NODE, node.as_str().as_bytes()),
+            Address::User(user) => (KIND_USER, user.as_str().as_bytes()),
+            Address::Group(group) => (KIND_GROUP, group.as_bytes()),
+            Address::All => (KIND_ALL, &[]),
+        };
+        let origin = self.id.origin.as_str().as_bytes();
+        let ids_len: usize = self
+            .connections
+            .iter()
+            .map(|c| MAX_VARINT + c.as_str().len())
+            .sum();
+        let mut out = Vec::with_capacity(
+            1 + 5 * MAX_VARINT + origin.len() + 1 + name.len() + ids_len + self.payload.len(),
+        );
+        out.push(Self::WIRE_VERSION);
+        put_bytes(&mut out, origin);
+        put_varint(&mut out, self.id.seq);
+        out.push(kind);
+        if kind != KIND_ALL {
+            put_bytes(&mut out, name);
+        }
+        put_varint(&mut out, self.connections.len() as u64);
+        for connection in &self.connections {
+            put_bytes(&mut out, connection.as_str().as_bytes());
+        }
+        put_bytes(&mut out, &self.payload);
+        Bytes::from(out)
+    }
+
+    /// Reads a message written by [`encode`](Self::encode). The payload is a slice of `bytes`
+    /// (no copy). Never panics, whatever the input.
+    ///
+    /// # Errors
+    ///
+    /// [`BackplaneError::Corrupt`] when `bytes` is not one complete message of a known
+    /// version: truncated, padded, an unknown address kind, an invalid id (ids go through
+    /// [`NodeId::new`], [`UserId::new`] and [`ConnectionId::new`], and a user id must be
+    /// stored trimmed), a name that is not UTF-8, or a varint that is not in its shortest
+    /// form.
+    pub fn decode(bytes: Bytes) -> Result<Message, BackplaneError> {
+        let mut reader = Reader {
+            bytes: &bytes,
+            pos: 0,
+        };
+        let version = reader.byte("the version")?;
+        if version != Self::WIRE_VERSION {
+            return Err(corrupt(format!(
+                "unknown wire version {version} (this node reads version {})",
+                Self::WIRE_VERSION
+            )));
+        }
+        let origin = reader.text("the origin node id")?;
+        let origin =
+            NodeId::new(origin).map_err(|e| corrupt(format!("bad origin node id: {e}")))?;
+        let seq = reader.varint("the sequence number")?;
+        let kind_at = reader.pos;
+        let to = match reader.byte("the address kind")? {
+            KIND_NODE => {
+                let node = reader.text("the node address")?;
+                Address::Node(
+                    NodeId::new(node).map_err(|e| corrupt(format!("bad node address: {e}")))?,
+                )
+            }
+            KIND_USER => {
+                let raw = reader.text("the user address")?;
+                let user =
+                    UserId::new(raw).map_err(|e| corrupt(format!("bad user address: {e}")))?;
+                if user.as_str() != raw {
+                    return Err(corrupt(
+                        "bad user address: a user id is sent trimmed".to_owned(),
+                    ));
+                }
+                Address::User(user)
+            }
+            KIND_GROUP => Address::Group(Arc::from(reader.text("the group address")?)),
+            KIND_ALL => Address::All,
+            other => {
+                return Err(corrupt(format!(
+                    "unknown address kind {other} at byte {kind_at}"
+                )));
+            }
+        };
+        let count = reader.varint("the connection count")?;
+        // Every id takes at least two bytes (its length and one byte), so a count larger than
+        // half of what is left is a lie: refuse it before allocating anything.
+        let count = usize::try_from(count)
+            .ok()
+            .filter(|&n| n <= reader.remaining() / 2)
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "{count} connection ids cannot fit in the {} bytes left",
+                    reader.remaining()
+                ))
+            })?;
+        let mut connections = Vec::with_capacity(count);
+        for index in 0..count {
+            let raw = reader.text("a connection id")?;
+            let id = ConnectionId::new(raw)
+                .map_err(|e| corrupt(format!("bad connection id #{index}: {e}")))?;
+            connections.push(id);
+        }
+        let (start, end) = reader.field("the payload")?;
+        if reader.remaining() != 0 {
+            return Err(corrupt(format!(
+                "{} bytes after the end of the message",
+                reader.remaining()
+            )));
+        }
+        Ok(Message {
+            id: MessageId { origin, seq },
+            to,
+            connections,
+            payload: bytes.slice(start..end),
+        })
+    }
+}
+
+const KIND_NODE: u8 = 0;
+const KIND_USER: u8 = 1;
+const KIND_GROUP: u8 = 2;
+const KIND_ALL: u8 = 3;
+
+/// Longest LEB128 encoding of a `u64`.
+const MAX_VARINT: usize = 10;
+
+fn corrupt(message: String) -> BackplaneError {
+    BackplaneError::Corrupt(message)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        // Truncation intended: the low seven bits, with the continuation bit.
+        out.push((value & 0x7f) as u8 | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// A cursor over an encoded message; every read checks the bounds.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+
+    fn truncated(&self, what: &str) -> BackplaneError {
+        corrupt(format!(
+            "truncated: the message ends at byte {} while reading {what}",
+            self.bytes.len()
+        ))
+    }
+
+    fn byte(&mut self, what: &str) -> Result<u8, BackplaneError> {
+        let b = *self
+            .bytes
+            .get(self.pos)
+            .ok_or_else(|| self.truncated(what))?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    fn varint(&mut self, what: &str) -> Result<u64, BackplaneError> {
+        let start = self.pos;
+        let mut value: u64 = 0;
+        for i in 0..MAX_VARINT {
+            let b = self.byte(what)?;
+            let bits = u64::from(b & 0x7f);
+            // The tenth byte holds only the top bit of a u64.
+            if i == MAX_VARINT - 1 && b > 1 {
+                return Err(corrupt(format!(
+                    "{what} at byte {start} does not fit in 64 bits"
+                )));
+            }
+            value |= bits << (7 * i);
+            if b & 0x80 == 0 {
+                if b == 0 && i > 0 {
+                    return Err(corrupt(format!(
+                        "{what} at byte {start} is not in its shortest form"
+                    )));
+                }
+                return Ok(value);
+            }
+        }
+        Err(corrupt(format!(
+            "{what} at byte {start} does not fit in 64 bits"
+        )))
+    }
+
+    /// A length-prefixed field: its range in the input.
+    fn field(&mut self, what: &str) -> Result<(usize, usize), BackplaneError> {
+        let len = self.varint(what)?;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&n| n <= self.remaining())
+            .ok_or_else(|| self.truncated(what))?;
+        let start = self.pos;
+        self.pos += len;
+        Ok((start, self.pos))
+    }
+
+    /// A length-prefixed UTF-8 field.
+    fn text(&mut self, what: &str) -> Result<&'a str, BackplaneError> {
+        let (start, end) = self.field(what)?;
+        let bytes: &'a [u8] = self.bytes;
+        let field = bytes.get(start..end).ok_or_else(|| self.truncated(what))?;
+        std::str::from_utf8(field)
+            .map_err(|_| corrupt(format!("{what} at byte {start} is not UTF-8")))
+    }
+}
+
 /// What a backplane promises about delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -393,6 +633,240 @@ fn encode_into(name: &str, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use proptest::prelude::*;
+
+    fn node(s: &str) -> NodeId {
+        NodeId::new(s).expect("valid")
+    }
+
+    fn conn(s: &str) -> ConnectionId {
+        ConnectionId::new(s).expect("valid")
+    }
+
+    fn samples() -> Vec<Message> {
+        let id = |seq| MessageId {
+            origin: node("node-a"),
+            seq,
+        };
+        let many: Vec<ConnectionId> = (0..300).map(|i| conn(&format!("c{i}"))).collect();
+        vec![
+            Message::new(
+                id(1),
+                Address::Node(node("node-b")),
+                vec![conn("c1")],
+                Bytes::from_static(b"{\"type\":1}\x1e"),
+            ),
+            Message::new(id(2), Address::Node(node("n")), Vec::new(), Bytes::new()),
+            Message::new(
+                id(3),
+                Address::Node(node("n")),
+                many,
+                Bytes::from(vec![0xff; 3_000]),
+            ),
+            Message::new(
+                id(4),
+                Address::User(user("Åsa 名前 🚀")),
+                Vec::new(),
+                Bytes::from_static(b"x"),
+            ),
+            Message::new(
+                id(5),
+                Address::User(user("user:bob")),
+                Vec::new(),
+                Bytes::from_static(b"\0"),
+            ),
+            Message::new(
+                id(6),
+                Address::Group(Arc::from("")),
+                Vec::new(),
+                Bytes::from_static(b"{x}"),
+            ),
+            Message::new(
+                id(7),
+                Address::Group(Arc::from("a:b *")),
+                vec![conn("~")],
+                Bytes::new(),
+            ),
+            Message::new(
+                id(u64::MAX),
+                Address::All,
+                Vec::new(),
+                Bytes::from_static(b"all"),
+            ),
+            Message::new(id(0), Address::All, Vec::new(), Bytes::new()),
+        ]
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        for message in samples() {
+            let encoded = message.encode();
+            let decoded = Message::decode(encoded.clone()).expect("decodes");
+            assert_eq!(decoded, message);
+            assert_eq!(decoded.encode(), encoded, "the encoding is canonical");
+        }
+    }
+
+    #[test]
+    fn the_layout_is_as_documented() {
+        let message = Message::new(
+            MessageId {
+                origin: node("a"),
+                seq: 300,
+            },
+            Address::User(user("bo")),
+            vec![conn("c")],
+            Bytes::from_static(b"hi"),
+        );
+        let expected: &[u8] = &[
+            1, // version
+            1, b'a', // origin
+            0xac, 0x02, // seq 300
+            1, 2, b'b', b'o', // user "bo"
+            1, 1, b'c', // one connection id
+            2, b'h', b'i', // payload
+        ];
+        assert_eq!(&message.encode()[..], expected);
+        let all = Message::new(
+            MessageId {
+                origin: node("a"),
+                seq: 1,
+            },
+            Address::All,
+            Vec::new(),
+            Bytes::new(),
+        );
+        assert_eq!(&all.encode()[..], &[1, 1, b'a', 1, 3, 0, 0]);
+    }
+
+    #[test]
+    fn the_payload_is_not_copied() {
+        let message = &samples()[2];
+        let encoded = message.encode();
+        let decoded = Message::decode(encoded.clone()).expect("decodes");
+        let range = encoded.as_ptr_range();
+        assert!(range.contains(&decoded.payload.as_ptr()));
+        assert_eq!(decoded.payload.as_ptr_range().end, range.end);
+    }
+
+    #[test]
+    fn every_truncation_and_any_padding_is_refused() {
+        for message in samples() {
+            let encoded = message.encode();
+            for len in 0..encoded.len() {
+                let err = Message::decode(encoded.slice(..len))
+                    .expect_err("a truncated message must be refused");
+                assert!(matches!(err, BackplaneError::Corrupt(_)), "{err}");
+                assert!(!err.is_transient());
+            }
+            let mut padded = encoded.to_vec();
+            padded.push(0);
+            let err = Message::decode(Bytes::from(padded)).expect_err("padding is refused");
+            assert!(err.to_string().contains("1 bytes after the end"), "{err}");
+        }
+        let err = Message::decode(Bytes::new()).expect_err("empty");
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
+
+    fn corrupt_text(bytes: &[u8]) -> String {
+        match Message::decode(Bytes::copy_from_slice(bytes)) {
+            Err(BackplaneError::Corrupt(text)) => text,
+            other => panic!("{bytes:?} should be corrupt, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn forged_fields_are_refused_with_a_reason() {
+        // version 2
+        assert!(corrupt_text(&[2, 1, b'a', 1, 3, 0, 0]).contains("unknown wire version 2"));
+        // origin "a b" is not a node id
+        assert!(corrupt_text(&[1, 3, b'a', b' ', b'b', 1, 3, 0, 0]).contains("bad origin"));
+        // address kind 9
+        assert!(corrupt_text(&[1, 1, b'a', 1, 9, 0, 0]).contains("unknown address kind 9"));
+        // a user id with surrounding blanks would not survive UserId::new unchanged
+        assert!(corrupt_text(&[1, 1, b'a', 1, 1, 3, b' ', b'b', b' ', 0, 0]).contains("trimmed"));
+        // an empty user id
+        assert!(corrupt_text(&[1, 1, b'a', 1, 1, 0, 0, 0]).contains("bad user address"));
+        // a node address with a slash
+        assert!(corrupt_text(&[1, 1, b'a', 1, 0, 1, b'/', 0, 0]).contains("bad node address"));
+        // a connection id with a space
+        assert!(corrupt_text(&[1, 1, b'a', 1, 3, 1, 1, b' ', 0]).contains("connection id #0"));
+        // a group name that is not UTF-8
+        assert!(corrupt_text(&[1, 1, b'a', 1, 2, 1, 0xff, 0, 0]).contains("not UTF-8"));
+        // seq 1 written in two bytes
+        assert!(corrupt_text(&[1, 1, b'a', 0x81, 0x00, 3, 0, 0]).contains("shortest form"));
+        // seq of eleven bytes
+        let mut long = vec![1, 1, b'a'];
+        long.extend([0xff; 10]);
+        long.extend([3, 0, 0]);
+        assert!(corrupt_text(&long).contains("64 bits"));
+        // a payload length past the end
+        assert!(corrupt_text(&[1, 1, b'a', 1, 3, 0, 5, b'x']).contains("truncated"));
+    }
+
+    #[test]
+    fn a_forged_count_allocates_nothing() {
+        // u64::MAX connection ids announced in a 20-byte message.
+        let mut forged = vec![1, 1, b'a', 1, 3];
+        forged.extend([0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+        forged.extend([1, b'c', 0]);
+        let text = corrupt_text(&forged);
+        assert!(text.contains("cannot fit"), "{text}");
+        // A count that just fits is read as ids.
+        assert!(corrupt_text(&[1, 1, b'a', 1, 3, 1, 1, b'c']).contains("truncated"));
+    }
+
+    fn arb_node() -> impl Strategy<Value = NodeId> {
+        "[A-Za-z0-9._~-]{1,64}".prop_map(|s| node(&s))
+    }
+
+    fn arb_address() -> impl Strategy<Value = Address> {
+        prop_oneof![
+            arb_node().prop_map(Address::Node),
+            "\\PC{0,40}".prop_filter_map("blank user", |s| UserId::new(&s).ok().map(Address::User)),
+            ".{0,40}".prop_map(|s| Address::Group(Arc::from(s))),
+            Just(Address::All),
+        ]
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        (
+            arb_node(),
+            any::<u64>(),
+            arb_address(),
+            proptest::collection::vec("[A-Za-z0-9._~-]{1,128}", 0..20),
+            proptest::collection::vec(any::<u8>(), 0..2000),
+        )
+            .prop_map(|(origin, seq, to, ids, payload)| {
+                Message::new(
+                    MessageId { origin, seq },
+                    to,
+                    ids.iter().map(|c| conn(c)).collect(),
+                    Bytes::from(payload),
+                )
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn any_message_round_trips(message in arb_message()) {
+            let encoded = message.encode();
+            let decoded = Message::decode(encoded.clone());
+            prop_assert_eq!(decoded.as_ref().ok(), Some(&message));
+            let cut = encoded.len() / 2;
+            prop_assert!(Message::decode(encoded.slice(..cut)).is_err());
+        }
+
+        #[test]
+        fn any_input_decodes_or_is_corrupt(input in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let input = Bytes::from(input);
+            match Message::decode(input.clone()) {
+                Ok(message) => prop_assert_eq!(message.encode(), input),
+                Err(e) => prop_assert!(matches!(e, BackplaneError::Corrupt(_))),
+            }
+        }
+    }
 
     fn user(s: &str) -> UserId {
         UserId::new(s).expect("valid")
