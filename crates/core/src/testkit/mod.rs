@@ -15,6 +15,7 @@
 //! [`ReferenceStore`] is the suite's sequential model written as a store: obviously correct,
 //! slow, single-lock. It passes the suite and doubles as a fake in unit tests.
 
+mod bus;
 pub mod cases;
 mod reference;
 
@@ -26,6 +27,7 @@ use async_trait::async_trait;
 
 use crate::{ConnectionId, ConnectionRecord, ConnectionStore, NodeId, UserId};
 
+pub use bus::MemoryBus;
 pub use reference::ReferenceStore;
 
 /// Builds the stores the conformance suite runs against.
