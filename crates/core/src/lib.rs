@@ -16,7 +16,7 @@
 //! | piece | question it answers | where it lives |
 //! |---|---|---|
 //! | **store** ([`ConnectionStore`]) | which connections does user X have, on which node? | this trait; one crate per strategy |
-//! | **backplane** | how does a message reach a socket held by *another* node? | pub/sub between nodes (Redis) |
+//! | **backplane** ([`Backplane`]) | how does a message reach a socket held by *another* node? | pub/sub between nodes (Redis) |
 //! | **local registry** | which sockets does *this* node hold, and how do I write to one? | the server, in memory |
 //!
 //! To deliver to user X a node asks the store for X's connections, writes directly to those it
@@ -39,7 +39,7 @@
 //!
 //! | feature | description | default |
 //! |---|---|---|
-//! | `testkit` | the conformance suite ([`testkit`] module, [`conformance_tests!`] macro) | no |
+//! | `testkit` | the conformance suites: stores ([`testkit`] module, [`conformance_tests!`] macro) and backplanes ([`backplane_conformance_tests!`] macro, the in-memory `testkit::MemoryBus`) | no |
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -15,6 +15,8 @@
 //! [`ReferenceStore`] is the suite's sequential model written as a store: obviously correct,
 //! slow, single-lock. It passes the suite and doubles as a fake in unit tests.
 
+pub mod backplane_cases;
+pub mod backplane_suite;
 mod bus;
 pub mod cases;
 mod reference;
@@ -27,6 +29,7 @@ use async_trait::async_trait;
 
 use crate::{ConnectionId, ConnectionRecord, ConnectionStore, NodeId, UserId};
 
+pub use backplane_suite::{BACKPLANE_CASES, BackplaneHarness, MemoryBusHarness};
 pub use bus::MemoryBus;
 pub use reference::ReferenceStore;
 
