@@ -6,38 +6,19 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{FlakyStore, PATIENCE, RawClient, TestServer};
+use common::{FlakyStore, PATIENCE, Partitionable, RawClient, TestServer, eventually};
 use serde_json::{Value, json};
 use switchboard::auth::{Authenticator, JwtConfig};
 use switchboard::{HubOptions, HubService, StartError, chat};
+use switchboard_core::ConnectionStore;
 use switchboard_core::testkit::{ReferenceStore, node, user};
-use switchboard_core::{
-    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, Lease, NodeId,
-    PageRequest, Removal, StoreError, UserId, UserPage, async_trait,
-};
 
 /// A short lease, so that tests see renewals, lapses and sweeps within a second or two.
 fn short_lease() -> HubOptions {
     HubOptions::default().with_lease(Duration::from_millis(600))
-}
-
-/// Waits until `check` holds, polling; fails the test after [`PATIENCE`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn ids_of(store: &dyn ConnectionStore, name: &str) -> Vec<String> {
@@ -62,76 +43,6 @@ async fn until_completion(client: &mut RawClient, id: &str) -> Vec<Value> {
         if done {
             return out;
         }
-    }
-}
-
-/// One node's view of a shared store, which the test can cut off (a network partition
-/// between this node and the store).
-#[derive(Debug)]
-struct Partitionable {
-    inner: Arc<dyn ConnectionStore>,
-    cut: AtomicBool,
-}
-
-impl Partitionable {
-    fn new(inner: Arc<dyn ConnectionStore>) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
-            cut: AtomicBool::new(false),
-        })
-    }
-
-    fn check(&self) -> Result<(), StoreError> {
-        if self.cut.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable {
-                message: "partitioned".into(),
-                source: None,
-            });
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl ConnectionStore for Partitionable {
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    async fn add(&self, record: ConnectionRecord) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.add(record).await
-    }
-    async fn remove(&self, user: &UserId, id: &ConnectionId) -> Result<Removal, StoreError> {
-        self.check()?;
-        self.inner.remove(user, id).await
-    }
-    async fn reconnect(&self, record: ConnectionRecord) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.reconnect(record).await
-    }
-    async fn connections(&self, user: &UserId) -> Result<Vec<ConnectionRecord>, StoreError> {
-        self.check()?;
-        self.inner.connections(user).await
-    }
-    async fn users(&self, page: PageRequest) -> Result<UserPage, StoreError> {
-        self.check()?;
-        self.inner.users(page).await
-    }
-    async fn counts(&self) -> Result<Counts, StoreError> {
-        self.check()?;
-        self.inner.counts().await
-    }
-    async fn heartbeat(&self, node: &NodeId, ttl: Duration) -> Result<Lease, StoreError> {
-        self.check()?;
-        self.inner.heartbeat(node, ttl).await
-    }
-    async fn sweep(&self) -> Result<u64, StoreError> {
-        self.check()?;
-        self.inner.sweep().await
-    }
-    async fn release(&self, node: &NodeId) -> Result<u64, StoreError> {
-        self.check()?;
-        self.inner.release(node).await
     }
 }
 

@@ -19,8 +19,8 @@ use switchboard::http::HttpLimits;
 use switchboard::hub::Hub;
 use switchboard::{HubOptions, HubService, chat};
 use switchboard_core::{
-    Backplane, Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, NodeId, Removal,
-    StoreError, UserId, async_trait,
+    Backplane, Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, Lease,
+    NodeId, PageRequest, Removal, StoreError, UserId, UserPage, async_trait,
 };
 use switchboard_memory::MemoryStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -91,6 +91,26 @@ impl TestServer {
         limits: HttpLimits,
     ) -> Self {
         Self::start_inner(hub, store, options, limits, None).await
+    }
+
+    /// Any hub as node `node` of a cluster, sharing `store` and `backplane`.
+    pub async fn start_node_with(
+        hub: Hub,
+        node: NodeId,
+        store: Arc<dyn ConnectionStore>,
+        backplane: Option<Arc<dyn Backplane>>,
+        options: HubOptions,
+    ) -> Self {
+        Self::start_any(
+            hub,
+            store,
+            options,
+            HttpLimits::default(),
+            None,
+            Some(node),
+            backplane,
+        )
+        .await
     }
 
     /// The chat hub as node `node` of a cluster: sharing `store` (and `backplane`, if any)
@@ -630,6 +650,92 @@ impl ConnectionStore for FlakyStore {
     }
     async fn release(&self, node: &switchboard_core::NodeId) -> Result<u64, StoreError> {
         self.check().await?;
+        self.inner.release(node).await
+    }
+}
+
+/// Waits until `check` holds, polling; fails the test after [`PATIENCE`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One node's view of a shared store, which the test can cut off (a network partition
+/// between this node and the store).
+#[derive(Debug)]
+pub struct Partitionable {
+    inner: Arc<dyn ConnectionStore>,
+    pub cut: AtomicBool,
+}
+
+impl Partitionable {
+    pub fn new(inner: Arc<dyn ConnectionStore>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            cut: AtomicBool::new(false),
+        })
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.cut.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable {
+                message: "partitioned".into(),
+                source: None,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ConnectionStore for Partitionable {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn add(&self, record: ConnectionRecord) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.add(record).await
+    }
+    async fn remove(&self, user: &UserId, id: &ConnectionId) -> Result<Removal, StoreError> {
+        self.check()?;
+        self.inner.remove(user, id).await
+    }
+    async fn reconnect(&self, record: ConnectionRecord) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.reconnect(record).await
+    }
+    async fn connections(&self, user: &UserId) -> Result<Vec<ConnectionRecord>, StoreError> {
+        self.check()?;
+        self.inner.connections(user).await
+    }
+    async fn users(&self, page: PageRequest) -> Result<UserPage, StoreError> {
+        self.check()?;
+        self.inner.users(page).await
+    }
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        self.check()?;
+        self.inner.counts().await
+    }
+    async fn heartbeat(&self, node: &NodeId, ttl: Duration) -> Result<Lease, StoreError> {
+        self.check()?;
+        self.inner.heartbeat(node, ttl).await
+    }
+    async fn sweep(&self) -> Result<u64, StoreError> {
+        self.check()?;
+        self.inner.sweep().await
+    }
+    async fn release(&self, node: &NodeId) -> Result<u64, StoreError> {
+        self.check()?;
         self.inner.release(node).await
     }
 }
