@@ -1,6 +1,6 @@
 //! The backplane conformance suite tested on itself: endpoints of the memory bus wrapped with
 //! one deliberate bug each fail the case written for that behaviour, and the same wrappers
-//! without a bug pass it.
+//! without a bug pass those cases.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +28,18 @@ enum Bug {
     DropsOwnChannelCopy,
     /// Payloads are cut to 64 KiB on the way.
     TruncatesPayloads,
+    /// Channels are named by the bare name, so user `bob` and group `bob` share one.
+    ConfusesUsersAndGroups,
+    /// `stop` returns without stopping anything.
+    IgnoresStop,
+}
+
+/// The channel a backplane with [`Bug::ConfusesUsersAndGroups`] uses for `address`.
+fn confused(address: &Address) -> Address {
+    match address {
+        Address::User(user) => Address::Group(Arc::from(user.as_str())),
+        other => other.clone(),
+    }
 }
 
 const TRUNCATED_LEN: usize = 64 * 1024;
@@ -114,19 +126,28 @@ impl Backplane for Buggy {
                     None => Ok(()),
                 }
             }
+            Bug::ConfusesUsersAndGroups => {
+                let mut message = message.clone();
+                message.to = confused(&message.to);
+                self.inner.publish(&message).await
+            }
             _ => self.inner.publish(message).await,
         }
     }
 
     async fn subscribe(&self, address: &Address) -> Result<(), BackplaneError> {
+        if self.bug == Bug::ConfusesUsersAndGroups {
+            return self.inner.subscribe(&confused(address)).await;
+        }
         self.inner.subscribe(address).await
     }
 
     async fn unsubscribe(&self, address: &Address) -> Result<(), BackplaneError> {
-        if self.bug == Bug::IgnoresUnsubscribe {
-            return Ok(());
+        match self.bug {
+            Bug::IgnoresUnsubscribe => Ok(()),
+            Bug::ConfusesUsersAndGroups => self.inner.unsubscribe(&confused(address)).await,
+            _ => self.inner.unsubscribe(address).await,
         }
-        self.inner.unsubscribe(address).await
     }
 
     fn health(&self) -> Health {
@@ -134,7 +155,9 @@ impl Backplane for Buggy {
     }
 
     async fn stop(&self) {
-        self.inner.stop().await;
+        if self.bug != Bug::IgnoresStop {
+            self.inner.stop().await;
+        }
     }
 }
 
@@ -207,6 +230,16 @@ catches!(
     Bug::TruncatesPayloads,
     every_field_round_trips
 );
+catches!(
+    a_backplane_that_confuses_users_and_groups_fails,
+    Bug::ConfusesUsersAndGroups,
+    hostile_names_do_not_cross_talk
+);
+catches!(
+    a_backplane_that_ignores_stop_fails,
+    Bug::IgnoresStop,
+    nothing_arrives_after_stop
+);
 
 /// The wrappers themselves are sound: without a bug, the same cases pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,4 +250,6 @@ async fn the_wrappers_without_a_bug_pass() {
     cases::subscribe_and_unsubscribe_are_idempotent(&harness).await;
     cases::channel_messages_reach_every_subscriber_once(&harness).await;
     cases::every_field_round_trips(&harness).await;
+    cases::hostile_names_do_not_cross_talk(&harness).await;
+    cases::nothing_arrives_after_stop(&harness).await;
 }
