@@ -59,7 +59,9 @@ impl ConnectionRecord {
         &user_agent[..end]
     }
 
-    /// Returns the same record owned by another node (used when a connection re-attaches).
+    /// Returns the same record under another node (tests, migrations between stores). A
+    /// stateful re-attach always lands on the node that holds the connection (sticky
+    /// sessions), so it keeps its node.
     #[must_use]
     pub fn with_node(mut self, node: NodeId) -> Self {
         self.node = node;
