@@ -2,7 +2,7 @@
 //!
 //! A SignalR-compatible hub server that knows which authenticated user is behind which
 //! real-time connection, and delivers a message "to user X" to every device and tab X has
-//! open. The official SignalR clients (JavaScript, .NET, Java, Python) connect to it unmodified
+//! open. The official SignalR clients connect to it unmodified (the JavaScript client is tested)
 //! over WebSockets with the JSON hub protocol.
 //!
 //! It is a binary (`switchboard serve`) and a library: another axum application can serve a
