@@ -5,11 +5,11 @@
 //! conformance suite against it (see `tests/conformance.rs`) to know it keeps the contract.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::Duration;
 
 use switchboard_core::{
-    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, NodeId, PageRequest,
-    Removal, StoreError, UserId, UserPage, async_trait,
+    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, Lease, NodeId,
+    PageRequest, Removal, StoreError, UserId, UserPage, async_trait,
 };
 
 /// Wraps a store and refuses a user's connection beyond `limit` live ones.
@@ -69,11 +69,15 @@ impl ConnectionStore for LimitedStore {
         self.inner.counts().await
     }
 
-    async fn heartbeat(&self, node: &NodeId, expires_at: SystemTime) -> Result<(), StoreError> {
-        self.inner.heartbeat(node, expires_at).await
+    async fn heartbeat(&self, node: &NodeId, ttl: Duration) -> Result<Lease, StoreError> {
+        self.inner.heartbeat(node, ttl).await
     }
 
-    async fn sweep(&self, now: SystemTime) -> Result<Vec<ConnectionRecord>, StoreError> {
-        self.inner.sweep(now).await
+    async fn sweep(&self) -> Result<u64, StoreError> {
+        self.inner.sweep().await
+    }
+
+    async fn release(&self, node: &NodeId) -> Result<u64, StoreError> {
+        self.inner.release(node).await
     }
 }
