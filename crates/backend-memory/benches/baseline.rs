@@ -7,14 +7,14 @@
 //! lookups copy, and removing the last connection deletes the user under the same lock). What
 //! it lacks is parallelism: two threads never work on the map at the same time.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::SystemTime;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use switchboard_core::{
-    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, NodeId, OrphanCleanup,
-    PageRequest, Removal, Speed, StoreError, UserId, UserListing, UserPage,
+    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, Lease, NodeId,
+    OrphanCleanup, PageRequest, Removal, Speed, StoreError, UserId, UserListing, UserPage,
 };
 
 /// Everything the store holds, behind its one lock.
@@ -25,7 +25,28 @@ struct State {
     /// Live connections in all users.
     connections: u64,
     /// node → lease expiry.
-    leases: HashMap<NodeId, SystemTime>,
+    leases: HashMap<NodeId, Instant>,
+}
+
+impl State {
+    /// Nodes whose lease has expired by `now` (and was not swept yet): lookups skip their
+    /// records. Without leases, or while all are live, this is empty and costs no clock read.
+    fn expired(&self) -> Vec<&NodeId> {
+        if self.leases.is_empty() {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        self.leases
+            .iter()
+            .filter(|(_, expires)| **expires <= now)
+            .map(|(node, _)| node)
+            .collect()
+    }
+}
+
+/// Whether `record` is visible to lookups, given the nodes whose lease expired.
+fn visible(expired: &[&NodeId], record: &ConnectionRecord) -> bool {
+    !expired.contains(&record.node())
 }
 
 /// One process, one global lock; supports everything [`MemoryStore`] does, with the same
@@ -64,7 +85,8 @@ impl ConnectionStore for GlobalMutexStore {
             list_users: UserListing::FullScan,
             survives_restart: false,
             speed: Speed::InProcess,
-            orphan_cleanup: OrphanCleanup::LeaseSweep,
+            orphan_cleanup: OrphanCleanup::DiesWithNode,
+            leases: true,
         }
     }
 
@@ -109,52 +131,105 @@ impl ConnectionStore for GlobalMutexStore {
     }
 
     async fn connections(&self, user: &UserId) -> Result<Vec<ConnectionRecord>, StoreError> {
-        Ok(self
-            .state()
+        let state = self.state();
+        let expired = state.expired();
+        Ok(state
             .users
             .get(user)
-            .map(|conns| conns.values().cloned().collect())
+            .map(|conns| {
+                conns
+                    .values()
+                    .filter(|r| visible(&expired, r))
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default())
     }
 
     async fn users(&self, page: PageRequest) -> Result<UserPage, StoreError> {
-        Ok(page.select(self.state().users.keys().cloned()))
+        let state = self.state();
+        let expired = state.expired();
+        Ok(page.select(
+            state
+                .users
+                .iter()
+                .filter(|(_, conns)| conns.values().any(|r| visible(&expired, r)))
+                .map(|(user, _)| user.clone()),
+        ))
     }
 
     async fn counts(&self) -> Result<Counts, StoreError> {
         let state = self.state();
-        Ok(Counts {
-            users: state.users.len() as u64,
-            connections: state.connections,
+        let expired = state.expired();
+        if expired.is_empty() {
+            return Ok(Counts {
+                users: state.users.len() as u64,
+                connections: state.connections,
+            });
+        }
+        let mut counts = Counts::default();
+        for conns in state.users.values() {
+            let live = conns.values().filter(|r| visible(&expired, r)).count() as u64;
+            counts.users += u64::from(live > 0);
+            counts.connections += live;
+        }
+        Ok(counts)
+    }
+
+    async fn heartbeat(&self, node: &NodeId, ttl: Duration) -> Result<Lease, StoreError> {
+        let now = Instant::now();
+        let previous = self
+            .state()
+            .leases
+            .insert(node.clone(), now + ttl.min(Lease::MAX_TTL));
+        Ok(match previous {
+            None => Lease::Taken,
+            Some(expires) if expires > now => Lease::Renewed,
+            Some(_) => Lease::Lapsed,
         })
     }
 
-    async fn heartbeat(&self, node: &NodeId, expires_at: SystemTime) -> Result<(), StoreError> {
-        self.state().leases.insert(node.clone(), expires_at);
-        Ok(())
-    }
-
-    async fn sweep(&self, now: SystemTime) -> Result<Vec<ConnectionRecord>, StoreError> {
+    async fn sweep(&self) -> Result<u64, StoreError> {
+        let now = Instant::now();
         let mut state = self.state();
         let State {
             users,
             connections,
             leases,
         } = &mut *state;
-        leases.retain(|_, expires| *expires > now);
-        let live: HashSet<&NodeId> = leases.keys().collect();
-        let mut removed = Vec::new();
+        let mut removed = 0;
+        // Under the one lock, so no lease changes while the records are checked.
         users.retain(|_, conns| {
             conns.retain(|_, r| {
-                let keep = live.contains(r.node());
-                if !keep {
-                    removed.push(r.clone());
-                }
-                keep
+                let live = leases.get(r.node()).is_some_and(|expires| *expires > now);
+                removed += u64::from(!live);
+                live
             });
             !conns.is_empty()
         });
-        *connections -= removed.len() as u64;
+        leases.retain(|_, expires| *expires > now);
+        *connections -= removed;
+        Ok(removed)
+    }
+
+    async fn release(&self, node: &NodeId) -> Result<u64, StoreError> {
+        let mut state = self.state();
+        let State {
+            users,
+            connections,
+            leases,
+        } = &mut *state;
+        leases.remove(node);
+        let mut removed = 0;
+        users.retain(|_, conns| {
+            conns.retain(|_, r| {
+                let mine = r.node() == node;
+                removed += u64::from(mine);
+                !mine
+            });
+            !conns.is_empty()
+        });
+        *connections -= removed;
         Ok(removed)
     }
 }

@@ -31,9 +31,9 @@
 //! count is split into per-thread stripes, so counting does not make every connect and
 //! disconnect fight over one cache line.
 
-use std::collections::HashSet;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -45,17 +45,20 @@ use switchboard_core::{
 
 /// The in-memory connection store. See the [crate docs](crate) for its limits.
 ///
-/// Node leases ([`ConnectionStore::heartbeat`] / [`ConnectionStore::sweep`]) are supported so
-/// that several logical nodes in one process (tests, embedded setups) behave like nodes sharing
-/// an external store; a lone server pays nothing for them.
+/// Node leases ([`ConnectionStore::heartbeat`], [`ConnectionStore::sweep`],
+/// [`ConnectionStore::release`]) are supported so that several logical nodes in one process
+/// (tests, embedded setups) behave like nodes sharing an external store. Lookups and counts
+/// skip the records of nodes whose lease expired; while no lease has expired they cost one
+/// atomic load more than without leases (and a clock read once some node holds a lease).
 #[derive(Debug)]
 pub struct MemoryStore {
     /// user → that user's live connections (usually one to a handful, so a `Vec`).
     users: DashMap<UserId, Vec<ConnectionRecord>>,
-    /// Live connections in all users, kept beside the map so counting does not scan.
+    /// Live connections in all users, kept beside the map so counting does not scan. Counts
+    /// records of expired nodes too, until they are swept.
     connections: StripedCounter,
     /// node → lease expiry.
-    leases: DashMap<NodeId, Instant>,
+    leases: Leases,
 }
 
 impl Default for MemoryStore {
@@ -75,7 +78,7 @@ impl MemoryStore {
         Self {
             users: DashMap::with_capacity_and_shard_amount(users, user_shards()),
             connections: StripedCounter::new(),
-            leases: DashMap::new(),
+            leases: Leases::new(),
         }
     }
 
@@ -144,52 +147,70 @@ impl ConnectionStore for MemoryStore {
     }
 
     async fn connections(&self, user: &UserId) -> Result<Vec<ConnectionRecord>, StoreError> {
+        let expired = self.leases.expired();
         // Copy the answer and drop the shard guard before returning.
         Ok(self
             .users
             .get(user)
-            .map(|conns| conns.to_vec())
+            .map(|conns| match &expired {
+                None => conns.to_vec(),
+                Some(expired) => conns.iter().filter(|r| expired.shows(r)).cloned().collect(),
+            })
             .unwrap_or_default())
     }
 
     async fn users(&self, page: PageRequest) -> Result<UserPage, StoreError> {
-        Ok(page.select(self.users.iter().map(|e| e.key().clone())))
+        Ok(match self.leases.expired() {
+            None => page.select(self.users.iter().map(|e| e.key().clone())),
+            Some(expired) => page.select(
+                self.users
+                    .iter()
+                    .filter(|e| e.value().iter().any(|r| expired.shows(r)))
+                    .map(|e| e.key().clone()),
+            ),
+        })
     }
 
     async fn counts(&self) -> Result<Counts, StoreError> {
-        Ok(Counts {
-            users: self.users.len() as u64,
-            connections: self.connections.get(),
-        })
+        let Some(expired) = self.leases.expired() else {
+            return Ok(Counts {
+                users: self.users.len() as u64,
+                connections: self.connections.get(),
+            });
+        };
+        // Some node's lease ran out and was not swept yet: count what lookups show.
+        let mut counts = Counts::default();
+        for entry in &self.users {
+            let live = entry.value().iter().filter(|r| expired.shows(r)).count() as u64;
+            counts.users += u64::from(live > 0);
+            counts.connections += live;
+        }
+        Ok(counts)
     }
 
     async fn heartbeat(&self, node: &NodeId, ttl: Duration) -> Result<Lease, StoreError> {
-        let now = Instant::now();
-        let previous = self.leases.insert(node.clone(), now + ttl);
-        Ok(match previous {
-            None => Lease::Taken,
-            Some(expires) if expires > now => Lease::Renewed,
-            Some(_) => Lease::Lapsed,
-        })
+        Ok(self.leases.renew(node, ttl))
     }
 
     async fn sweep(&self) -> Result<u64, StoreError> {
         let now = Instant::now();
-        self.leases.retain(|_, expires| *expires > now);
-        let live: HashSet<NodeId> = self.leases.iter().map(|e| e.key().clone()).collect();
         let mut removed = 0;
         self.users.retain(|_, conns| {
+            // Read the lease table for each user, under that user's shard lock: a node that
+            // renewed since the sweep began keeps the records it wrote since.
+            let leases = self.leases.read();
             let before = conns.len();
-            conns.retain(|r| live.contains(r.node()));
+            conns.retain(|r| leases.get(r.node()).is_some_and(|expires| *expires > now));
             removed += before - conns.len();
             !conns.is_empty()
         });
         self.connections.sub(removed);
+        self.leases.forget_expired(now);
         Ok(removed as u64)
     }
 
     async fn release(&self, node: &NodeId) -> Result<u64, StoreError> {
-        self.leases.remove(node);
+        self.leases.end(node);
         let mut removed = 0;
         self.users.retain(|_, conns| {
             let before = conns.len();
@@ -199,6 +220,119 @@ impl ConnectionStore for MemoryStore {
         });
         self.connections.sub(removed);
         Ok(removed as u64)
+    }
+}
+
+/// The node leases of a [`MemoryStore`], on the process clock.
+///
+/// Beside the table it keeps the earliest expiry in an atomic, so that a lookup learns from
+/// one load (and, once some node holds a lease, one clock read) that no lease has expired, and
+/// then skips all filtering. Leases change rarely (a heartbeat per node every few seconds), so
+/// the table is a plain lock; lookups only read it while some expired lease awaits a sweep.
+#[derive(Debug)]
+struct Leases {
+    /// node → lease expiry.
+    table: RwLock<HashMap<NodeId, Instant>>,
+    /// The earliest expiry in `table` in nanoseconds after `epoch`, or [`NO_LEASE`] while the
+    /// table is empty. Only written under the table's write lock, right after a change.
+    earliest: AtomicU64,
+    /// What `earliest` counts from: when the store was made.
+    epoch: Instant,
+}
+
+/// [`Leases::earliest`] while no node holds a lease.
+const NO_LEASE: u64 = u64::MAX;
+
+/// The nodes whose lease had expired when a lookup began; lookups skip their records.
+#[derive(Debug)]
+struct Expired(Vec<NodeId>);
+
+impl Expired {
+    /// Whether lookups show `record`.
+    fn shows(&self, record: &ConnectionRecord) -> bool {
+        !self.0.contains(record.node())
+    }
+}
+
+impl Leases {
+    fn new() -> Self {
+        Self {
+            table: RwLock::new(HashMap::new()),
+            earliest: AtomicU64::new(NO_LEASE),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<NodeId, Instant>> {
+        // Every change leaves the table whole before it could panic; keep going.
+        self.table.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<NodeId, Instant>> {
+        self.table.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `at` as nanoseconds after the epoch (saturating: a lease centuries away never expires).
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Stores the earliest expiry of `table`. Called with the write lock held.
+    fn publish(&self, table: &HashMap<NodeId, Instant>) {
+        let earliest = table
+            .values()
+            .map(|expires| self.nanos(*expires))
+            .min()
+            .unwrap_or(NO_LEASE);
+        self.earliest.store(earliest, Ordering::Release);
+    }
+
+    /// The nodes whose lease has expired, or `None` when none has (the fast path: no lock).
+    fn expired(&self) -> Option<Expired> {
+        let earliest = self.earliest.load(Ordering::Acquire);
+        if earliest == NO_LEASE {
+            return None;
+        }
+        let now = Instant::now();
+        if self.nanos(now) < earliest {
+            return None;
+        }
+        let expired: Vec<NodeId> = self
+            .read()
+            .iter()
+            .filter(|(_, expires)| **expires <= now)
+            .map(|(node, _)| node.clone())
+            .collect();
+        (!expired.is_empty()).then_some(Expired(expired))
+    }
+
+    /// Takes or renews the lease of `node` for `ttl` from now.
+    fn renew(&self, node: &NodeId, ttl: Duration) -> Lease {
+        let mut table = self.write();
+        let now = Instant::now();
+        let expires = now + ttl.min(Lease::MAX_TTL);
+        let previous = table.insert(node.clone(), expires);
+        self.publish(&table);
+        match previous {
+            None => Lease::Taken,
+            Some(expires) if expires > now => Lease::Renewed,
+            Some(_) => Lease::Lapsed,
+        }
+    }
+
+    /// Ends the lease of `node`, if it holds one.
+    fn end(&self, node: &NodeId) {
+        let mut table = self.write();
+        if table.remove(node).is_some() {
+            self.publish(&table);
+        }
+    }
+
+    /// Forgets the leases that expired by `now` (a lease renewed since stays).
+    fn forget_expired(&self, now: Instant) {
+        let mut table = self.write();
+        table.retain(|_, expires| *expires > now);
+        self.publish(&table);
     }
 }
 

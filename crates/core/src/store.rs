@@ -243,6 +243,12 @@ pub enum Lease {
     Lapsed,
 }
 
+impl Lease {
+    /// The longest lease a store grants (a year); a longer `ttl` given to
+    /// [`ConnectionStore::heartbeat`] is shortened to this.
+    pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

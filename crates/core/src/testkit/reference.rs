@@ -15,6 +15,28 @@ struct State {
     leases: BTreeMap<NodeId, Instant>,
 }
 
+impl State {
+    /// Whether lookups show `record`: its node holds a live lease, or never took one (records
+    /// of a node that never took a lease stay until a sweep removes them).
+    fn visible(&self, record: &ConnectionRecord, now: Instant) -> bool {
+        self.leases
+            .get(record.node())
+            .is_none_or(|expires| *expires > now)
+    }
+
+    /// The users with at least one visible connection, each with their visible connections.
+    fn visible_users(
+        &self,
+        now: Instant,
+    ) -> impl Iterator<Item = (&UserId, Vec<&ConnectionRecord>)> + '_ {
+        self.users.iter().filter_map(move |(user, conns)| {
+            let live: Vec<&ConnectionRecord> =
+                conns.values().filter(|r| self.visible(r, now)).collect();
+            (!live.is_empty()).then_some((user, live))
+        })
+    }
+}
+
 /// The conformance suite's model as a store: one mutex around ordered maps.
 ///
 /// Obviously correct and deliberately simple; use it as a fake in unit tests, not in servers.
@@ -92,26 +114,36 @@ impl ConnectionStore for ReferenceStore {
     }
 
     async fn connections(&self, user: &UserId) -> Result<Vec<ConnectionRecord>, StoreError> {
-        Ok(self
-            .state()
+        let now = Instant::now();
+        let state = self.state();
+        Ok(state
             .users
             .get(user)
-            .map(|conns| conns.values().cloned().collect())
+            .map(|conns| {
+                conns
+                    .values()
+                    .filter(|r| state.visible(r, now))
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default())
     }
 
     async fn users(&self, page: PageRequest) -> Result<UserPage, StoreError> {
+        let now = Instant::now();
         let state = self.state();
         let limit = page.effective_limit();
-        let mut users: Vec<UserId> = match &page.after {
-            Some(after) => state
-                .users
-                .range::<UserId, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
-                .map(|(u, _)| u.clone())
-                .take(limit + 1)
-                .collect(),
-            None => state.users.keys().take(limit + 1).cloned().collect(),
+        let after = match &page.after {
+            Some(after) => std::ops::Bound::Excluded(after),
+            None => std::ops::Bound::Unbounded,
         };
+        let mut users: Vec<UserId> = state
+            .users
+            .range::<UserId, _>((after, std::ops::Bound::Unbounded))
+            .filter(|(_, conns)| conns.values().any(|r| state.visible(r, now)))
+            .map(|(u, _)| u.clone())
+            .take(limit + 1)
+            .collect();
         let more = users.len() > limit;
         users.truncate(limit);
         let next = if more { users.last().cloned() } else { None };
@@ -119,16 +151,22 @@ impl ConnectionStore for ReferenceStore {
     }
 
     async fn counts(&self) -> Result<Counts, StoreError> {
+        let now = Instant::now();
         let state = self.state();
-        Ok(Counts {
-            users: state.users.len() as u64,
-            connections: state.users.values().map(|c| c.len() as u64).sum(),
-        })
+        let mut counts = Counts::default();
+        for (_, live) in state.visible_users(now) {
+            counts.users += 1;
+            counts.connections += live.len() as u64;
+        }
+        Ok(counts)
     }
 
     async fn heartbeat(&self, node: &NodeId, ttl: Duration) -> Result<Lease, StoreError> {
         let now = Instant::now();
-        let previous = self.state().leases.insert(node.clone(), now + ttl);
+        let previous = self
+            .state()
+            .leases
+            .insert(node.clone(), now + ttl.min(Lease::MAX_TTL));
         Ok(match previous {
             None => Lease::Taken,
             Some(expires) if expires > now => Lease::Renewed,
@@ -140,16 +178,16 @@ impl ConnectionStore for ReferenceStore {
         let now = Instant::now();
         let mut state = self.state();
         let State { users, leases } = &mut *state;
-        leases.retain(|_, expires| *expires > now);
         let mut removed = 0;
         users.retain(|_, conns| {
             conns.retain(|_, r| {
-                let live = leases.contains_key(r.node());
+                let live = leases.get(r.node()).is_some_and(|expires| *expires > now);
                 removed += u64::from(!live);
                 live
             });
             !conns.is_empty()
         });
+        leases.retain(|_, expires| *expires > now);
         Ok(removed)
     }
 
