@@ -1,15 +1,16 @@
 //! The conformance suite tested on itself: the reference store passes every case, and stores
 //! with one deliberate bug each fail the case written for that behaviour.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant};
 
 use switchboard_core::testkit::{Harness, ReferenceStore, cases};
 use switchboard_core::{
-    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, NodeId, PageRequest,
-    Removal, StoreError, UserId, UserListing, UserPage, async_trait,
+    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, Lease, NodeId,
+    OrphanCleanup, PageRequest, Removal, Speed, StoreError, UserId, UserListing, UserPage,
+    async_trait,
 };
 
 switchboard_core::conformance_tests!(Reference);
@@ -38,6 +39,37 @@ enum Bug {
     LowercasesOnAddOnly,
     /// Removes a connection even when asked under the wrong user.
     RemovesUnderWrongUser,
+    /// Claims to be shared across nodes, but every instance has its own records.
+    ClaimsSharedButSeparate,
+    /// Claims its records survive a restart, but a reopened store is empty.
+    ClaimsSurvivesRestart,
+    /// Claims records outlive their node (`LeaseSweep`) without offering leases.
+    LeaseSweepWithoutLeases,
+    /// Claims to run in-process, but `counts` waits once before answering.
+    ClaimsInProcessButWaits,
+    /// Expires leases only when sweeping: lookups show the records of expired nodes.
+    ShowsExpiredLeases,
+    /// `release` removes the records of every node, not just the released one.
+    ReleaseRemovesOtherNodes,
+    /// `heartbeat` always answers `Renewed`.
+    HeartbeatAlwaysRenewed,
+    /// Claims `speed = Network`, with the outage its harness offers.
+    Network(Outage),
+}
+
+/// What [`BrokenHarness::unreachable`] hands out for a `Network` store.
+#[derive(Debug, Clone, Copy)]
+enum Outage {
+    /// Nothing: the harness does not implement `unreachable`.
+    NotProvided,
+    /// A store that works (it answers as if it had data).
+    AnswersOk,
+    /// A store whose operations never finish.
+    Hangs,
+    /// A store that fails with a permanent error.
+    FailsPermanently,
+    /// The correct behaviour: every operation fails with `Unavailable`.
+    FailsTransiently,
 }
 
 #[derive(Debug)]
@@ -45,11 +77,36 @@ struct Broken {
     inner: ReferenceStore,
     bug: Bug,
     ever_seen: Mutex<BTreeSet<UserId>>,
+    /// For [`Bug::ShowsExpiredLeases`]: the leases as the nodes asked for them; the inner
+    /// store is given leases that never run out.
+    leases: Mutex<BTreeMap<NodeId, Instant>>,
 }
 
 impl Broken {
+    fn new(bug: Bug) -> Self {
+        Self {
+            inner: ReferenceStore::new(),
+            bug,
+            ever_seen: Mutex::default(),
+            leases: Mutex::default(),
+        }
+    }
+
     fn seen(&self) -> BTreeSet<UserId> {
         self.ever_seen.lock().expect("lock").clone()
+    }
+
+    /// Removes every visible connection of every user ever seen, whatever its node.
+    async fn remove_everything(&self) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        for user in self.seen() {
+            for r in self.inner.connections(&user).await? {
+                if self.inner.remove(&user, r.id()).await? == Removal::Removed {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 }
 
@@ -58,8 +115,19 @@ impl ConnectionStore for Broken {
     fn capabilities(&self) -> Capabilities {
         let mut caps = self.inner.capabilities();
         caps.strategy = "broken";
-        if let Bug::ClaimsListingButAnswersEmpty = self.bug {
-            caps.list_users = UserListing::Indexed;
+        match self.bug {
+            Bug::ClaimsListingButAnswersEmpty => caps.list_users = UserListing::Indexed,
+            Bug::ClaimsSharedButSeparate => caps.shared_across_nodes = true,
+            Bug::ClaimsSurvivesRestart => {
+                caps.survives_restart = true;
+                caps.orphan_cleanup = OrphanCleanup::LeaseSweep;
+            }
+            Bug::LeaseSweepWithoutLeases => {
+                caps.orphan_cleanup = OrphanCleanup::LeaseSweep;
+                caps.leases = false;
+            }
+            Bug::Network(_) => caps.speed = Speed::Network,
+            _ => {}
         }
         caps
     }
@@ -95,6 +163,10 @@ impl ConnectionStore for Broken {
     }
 
     async fn reconnect(&self, record: ConnectionRecord) -> Result<(), StoreError> {
+        self.ever_seen
+            .lock()
+            .expect("lock")
+            .insert(record.user().clone());
         if let Bug::ReconnectKeepsStaleRecord = self.bug {
             let existing = self.inner.connections(record.user()).await?;
             if existing.iter().any(|r| r.id() == record.id()) {
@@ -120,6 +192,9 @@ impl ConnectionStore for Broken {
     }
 
     async fn counts(&self) -> Result<Counts, StoreError> {
+        if let Bug::ClaimsInProcessButWaits = self.bug {
+            tokio::task::yield_now().await;
+        }
         let mut counts = self.inner.counts().await?;
         if let Bug::KeepsEmptyUsers = self.bug {
             counts.users = self.seen().len() as u64;
@@ -127,19 +202,145 @@ impl ConnectionStore for Broken {
         Ok(counts)
     }
 
-    async fn heartbeat(&self, node: &NodeId, expires_at: SystemTime) -> Result<(), StoreError> {
-        self.inner.heartbeat(node, expires_at).await
+    async fn heartbeat(&self, node: &NodeId, ttl: Duration) -> Result<Lease, StoreError> {
+        match self.bug {
+            Bug::HeartbeatAlwaysRenewed => {
+                let _ = self.inner.heartbeat(node, ttl).await?;
+                Ok(Lease::Renewed)
+            }
+            Bug::ShowsExpiredLeases => {
+                let _ = self.inner.heartbeat(node, Lease::MAX_TTL).await?;
+                let now = Instant::now();
+                let previous = self
+                    .leases
+                    .lock()
+                    .expect("lock")
+                    .insert(node.clone(), now + ttl);
+                Ok(match previous {
+                    None => Lease::Taken,
+                    Some(expires) if expires > now => Lease::Renewed,
+                    Some(_) => Lease::Lapsed,
+                })
+            }
+            _ => self.inner.heartbeat(node, ttl).await,
+        }
     }
 
-    async fn sweep(&self, now: SystemTime) -> Result<Vec<ConnectionRecord>, StoreError> {
+    async fn sweep(&self) -> Result<u64, StoreError> {
         match self.bug {
-            Bug::SweepsLiveNodes => {
-                self.inner
-                    .sweep(now + Duration::from_secs(365 * 24 * 3600))
-                    .await
+            Bug::SweepsLiveNodes => Ok(self.remove_everything().await? + self.inner.sweep().await?),
+            Bug::ShowsExpiredLeases => {
+                let now = Instant::now();
+                let expired: Vec<NodeId> = {
+                    let mut leases = self.leases.lock().expect("lock");
+                    let expired = leases
+                        .iter()
+                        .filter(|(_, expires)| **expires <= now)
+                        .map(|(node, _)| node.clone())
+                        .collect();
+                    leases.retain(|_, expires| *expires > now);
+                    expired
+                };
+                let mut removed = self.inner.sweep().await?;
+                for node in &expired {
+                    removed += self.inner.release(node).await?;
+                }
+                Ok(removed)
             }
-            _ => self.inner.sweep(now).await,
+            _ => self.inner.sweep().await,
         }
+    }
+
+    async fn release(&self, node: &NodeId) -> Result<u64, StoreError> {
+        match self.bug {
+            Bug::ReleaseRemovesOtherNodes => {
+                let mine = self.inner.release(node).await?;
+                let _ = self.remove_everything().await?;
+                Ok(mine)
+            }
+            Bug::ShowsExpiredLeases => {
+                self.leases.lock().expect("lock").remove(node);
+                self.inner.release(node).await
+            }
+            _ => self.inner.release(node).await,
+        }
+    }
+}
+
+/// A store whose backend is down: every operation fails (transiently or not).
+#[derive(Debug)]
+struct Down {
+    transient: bool,
+}
+
+impl Down {
+    fn fail<T>(&self) -> Result<T, StoreError> {
+        Err(if self.transient {
+            StoreError::Unavailable {
+                message: "connection refused".into(),
+                source: None,
+            }
+        } else {
+            StoreError::Backend {
+                message: "connection refused".into(),
+                transient: false,
+                source: None,
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl ConnectionStore for Down {
+    fn capabilities(&self) -> Capabilities {
+        Broken::new(Bug::Network(Outage::FailsTransiently)).capabilities()
+    }
+    async fn add(&self, _record: ConnectionRecord) -> Result<(), StoreError> {
+        self.fail()
+    }
+    async fn remove(&self, _user: &UserId, _id: &ConnectionId) -> Result<Removal, StoreError> {
+        self.fail()
+    }
+    async fn reconnect(&self, _record: ConnectionRecord) -> Result<(), StoreError> {
+        self.fail()
+    }
+    async fn connections(&self, _user: &UserId) -> Result<Vec<ConnectionRecord>, StoreError> {
+        self.fail()
+    }
+    async fn users(&self, _page: PageRequest) -> Result<UserPage, StoreError> {
+        self.fail()
+    }
+    async fn counts(&self) -> Result<Counts, StoreError> {
+        self.fail()
+    }
+    async fn heartbeat(&self, _node: &NodeId, _ttl: Duration) -> Result<Lease, StoreError> {
+        self.fail()
+    }
+    async fn sweep(&self) -> Result<u64, StoreError> {
+        self.fail()
+    }
+    async fn release(&self, _node: &NodeId) -> Result<u64, StoreError> {
+        self.fail()
+    }
+}
+
+/// A store whose every operation waits forever (a backend that never answers).
+#[derive(Debug)]
+struct Hanging;
+
+#[async_trait]
+impl ConnectionStore for Hanging {
+    fn capabilities(&self) -> Capabilities {
+        Broken::new(Bug::Network(Outage::Hangs)).capabilities()
+    }
+    async fn add(&self, _record: ConnectionRecord) -> Result<(), StoreError> {
+        std::future::pending().await
+    }
+    async fn remove(&self, _user: &UserId, _id: &ConnectionId) -> Result<Removal, StoreError> {
+        std::future::pending().await
+    }
+    async fn reconnect(&self, _record: ConnectionRecord) -> Result<(), StoreError> {
+        std::future::pending().await
     }
 }
 
@@ -148,11 +349,20 @@ struct BrokenHarness(Bug);
 #[async_trait]
 impl Harness for BrokenHarness {
     async fn store(&self, _namespace: &str) -> Arc<dyn ConnectionStore> {
-        Arc::new(Broken {
-            inner: ReferenceStore::new(),
-            bug: self.0,
-            ever_seen: Mutex::default(),
-        })
+        Arc::new(Broken::new(self.0))
+    }
+
+    async fn unreachable(&self) -> Option<Arc<dyn ConnectionStore>> {
+        let Bug::Network(outage) = self.0 else {
+            return None;
+        };
+        match outage {
+            Outage::NotProvided => None,
+            Outage::AnswersOk => Some(Arc::new(ReferenceStore::new())),
+            Outage::Hangs => Some(Arc::new(Hanging)),
+            Outage::FailsPermanently => Some(Arc::new(Down { transient: false })),
+            Outage::FailsTransiently => Some(Arc::new(Down { transient: true })),
+        }
     }
 
     /// About one random scenario in 25 exposes a store that forgets empty users, so the
@@ -175,7 +385,10 @@ where
 
 macro_rules! catches {
     ($name:ident, $bug:expr, $case:ident) => {
-        #[tokio::test]
+        catches!($name, $bug, $case, ::tokio::test);
+    };
+    ($name:ident, $bug:expr, $case:ident, $($test:tt)+) => {
+        #[$($test)+]
         async fn $name() {
             assert_fails(stringify!($case), async {
                 cases::$case(&BrokenHarness($bug)).await
@@ -215,11 +428,78 @@ catches!(
     Bug::RemovesUnderWrongUser,
     unknown_removals_are_harmless
 );
+catches!(
+    a_store_that_claims_sharing_but_keeps_instances_apart_fails,
+    Bug::ClaimsSharedButSeparate,
+    instances_on_one_namespace_share_records_as_claimed
+);
+catches!(
+    a_store_that_claims_to_survive_restarts_but_forgets_fails,
+    Bug::ClaimsSurvivesRestart,
+    records_survive_a_restart_as_claimed
+);
+catches!(
+    a_store_with_lease_sweep_but_no_leases_fails,
+    Bug::LeaseSweepWithoutLeases,
+    capabilities_are_consistent
+);
+catches!(
+    a_store_that_claims_in_process_but_waits_fails,
+    Bug::ClaimsInProcessButWaits,
+    in_process_stores_never_wait
+);
+catches!(
+    a_store_whose_lookups_show_expired_leases_fails,
+    Bug::ShowsExpiredLeases,
+    lookups_ignore_nodes_whose_lease_expired
+);
+catches!(
+    a_store_whose_release_removes_other_nodes_fails,
+    Bug::ReleaseRemovesOtherNodes,
+    release_removes_exactly_the_nodes_records
+);
+catches!(
+    a_store_whose_heartbeat_always_renews_fails,
+    Bug::HeartbeatAlwaysRenewed,
+    heartbeat_answers_what_it_found
+);
+catches!(
+    a_network_store_without_an_unreachable_harness_fails,
+    Bug::Network(Outage::NotProvided),
+    an_unreachable_store_fails_transiently
+);
+catches!(
+    an_unreachable_store_that_answers_fails,
+    Bug::Network(Outage::AnswersOk),
+    an_unreachable_store_fails_transiently
+);
+catches!(
+    an_unreachable_store_that_fails_permanently_fails,
+    Bug::Network(Outage::FailsPermanently),
+    an_unreachable_store_fails_transiently
+);
+// On paused time, so the case's deadline passes at once.
+catches!(
+    an_unreachable_store_that_hangs_fails,
+    Bug::Network(Outage::Hangs),
+    an_unreachable_store_fails_transiently,
+    ::tokio::test(start_paused = true)
+);
+
+#[tokio::test]
+async fn an_unreachable_store_that_fails_transiently_passes() {
+    cases::an_unreachable_store_fails_transiently(&BrokenHarness(Bug::Network(
+        Outage::FailsTransiently,
+    )))
+    .await;
+}
 
 #[test]
 fn the_property_test_catches_a_store_that_forgets_empty_users() {
     let outcome = std::panic::catch_unwind(|| {
-        cases::concurrent_operations_match_a_sequential_model(&BrokenHarness(Bug::KeepsEmptyUsers))
+        cases::concurrent_operations_match_a_sequential_model(|| {
+            BrokenHarness(Bug::KeepsEmptyUsers)
+        })
     });
     assert!(outcome.is_err(), "the property test should have failed");
 }

@@ -5,17 +5,28 @@
 //! [`Capabilities`](crate::Capabilities) and then hold the store to its claim: a store that
 //! claims an ability must show it, and one that does not must answer
 //! [`StoreError::Unsupported`].
+//!
+//! Each case picks its own namespaces with [`unique_namespace`]. The
+//! [`conformance_tests!`](crate::conformance_tests) macro runs each case inside a
+//! [`Scope`](super::Scope), which cleans those namespaces up afterwards; a case called
+//! directly cleans up nothing.
+//!
+//! Cases about leases wait for real, since leases run on the store's clock: a short lease is
+//! [`SHORT_LEASE`] and the cases wait [`LEASE_SLACK`] past it (about a second per case).
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
-use super::{Harness, conn, node, record, t0, unique_namespace, user};
+use super::{Harness, Scope, conn, node, poll_once, record, t0, unique_namespace, user};
 use crate::{
-    ConnectionRecord, ConnectionStore, Lease, NodeId, PageRequest, Removal, StoreError, UserId,
+    ConnectionRecord, ConnectionStore, Lease, NodeId, OrphanCleanup, PageRequest, Removal, Speed,
+    StoreError, UserId,
 };
 
 async fn fresh(harness: &dyn Harness) -> Arc<dyn ConnectionStore> {
@@ -476,12 +487,438 @@ pub async fn sweep_removes_only_expired_nodes(harness: &dyn Harness) {
     }
 }
 
+/// The capabilities do not contradict each other: records that outlive their node
+/// (`LeaseSweep`) need leases to be cleaned up, and records that vanish with their node
+/// (`DiesWithNode`) cannot survive a restart.
+pub async fn capabilities_are_consistent(harness: &dyn Harness) {
+    let caps = fresh(harness).await.capabilities();
+    match caps.orphan_cleanup {
+        OrphanCleanup::LeaseSweep => assert!(
+            caps.leases,
+            "orphan_cleanup = LeaseSweep needs leases = true: {caps:?}"
+        ),
+        OrphanCleanup::DiesWithNode => assert!(
+            !caps.survives_restart,
+            "records that vanish with their node cannot survive a restart: {caps:?}"
+        ),
+    }
+}
+
+/// Two instances on one namespace (two nodes) see each other's records when the store claims
+/// `shared_across_nodes`, and none of them when it does not.
+pub async fn instances_on_one_namespace_share_records_as_claimed(harness: &dyn Harness) {
+    let namespace = unique_namespace();
+    let first = harness.store(&namespace).await;
+    let second = harness.store(&namespace).await;
+    let shared = first.capabilities().shared_across_nodes;
+    add_ok(&*first, record("a1", "ann", "node-a")).await;
+    add_ok(&*second, record("b1", "bob", "node-b")).await;
+    let (theirs_a, theirs_b): (&[&str], &[&str]) = if shared {
+        (&["a1"], &["b1"])
+    } else {
+        (&[], &[])
+    };
+    if let Some(ids) = live_ids(&*second, &user("ann")).await {
+        assert_eq!(
+            ids, theirs_a,
+            "shared_across_nodes = {shared}: what the second instance sees of the first's records"
+        );
+        assert_eq!(
+            live_ids(&*first, &user("bob")).await.unwrap_or_default(),
+            theirs_b,
+            "shared_across_nodes = {shared}: what the first instance sees of the second's records"
+        );
+    }
+    if let Some(users) = all_users(&*second, 10).await {
+        let expected = if shared {
+            vec![user("ann"), user("bob")]
+        } else {
+            vec![user("bob")]
+        };
+        assert_eq!(
+            users, expected,
+            "shared_across_nodes = {shared}: users listed by the second instance"
+        );
+    }
+    // Without lookup or listing, removal still tells: only a shared store finds the record.
+    let expected = if shared {
+        Removal::Removed
+    } else {
+        Removal::NotFound
+    };
+    let removal = second
+        .remove(&user("ann"), &conn("a1"))
+        .await
+        .unwrap_or_else(|e| panic!("remove(ann, a1) failed: {e}"));
+    assert_eq!(
+        removal, expected,
+        "shared_across_nodes = {shared}: the second instance removing the first's record"
+    );
+}
+
+/// After the only instance is dropped and the namespace reopened (a restart), the records are
+/// still there when the store claims `survives_restart`, and gone when it claims neither
+/// `survives_restart` nor `shared_across_nodes`. (A shared store that does not survive a
+/// restart of its backend keeps records across a restart of one node: nothing to check.)
+pub async fn records_survive_a_restart_as_claimed(harness: &dyn Harness) {
+    let namespace = unique_namespace();
+    let first = harness.store(&namespace).await;
+    let caps = first.capabilities();
+    add_ok(&*first, record("c1", "ann", "node-a")).await;
+    drop(first);
+    let second = harness.store(&namespace).await;
+    let expected = if caps.survives_restart {
+        Removal::Removed
+    } else if !caps.shared_across_nodes {
+        Removal::NotFound
+    } else {
+        return;
+    };
+    let kept = expected == Removal::Removed;
+    if let Some(ids) = live_ids(&*second, &user("ann")).await {
+        let wanted: &[&str] = if kept { &["c1"] } else { &[] };
+        assert_eq!(
+            ids, wanted,
+            "survives_restart = {}: the records after a restart",
+            caps.survives_restart
+        );
+    }
+    let removal = second
+        .remove(&user("ann"), &conn("c1"))
+        .await
+        .unwrap_or_else(|e| panic!("remove(ann, c1) failed: {e}"));
+    assert_eq!(
+        removal, expected,
+        "survives_restart = {}: removing a record written before the restart",
+        caps.survives_restart
+    );
+}
+
+/// Runs `operation` to its first poll and returns its output; panics, naming it, when it
+/// waited.
+fn on_first_poll<T>(operation: &str, future: impl Future<Output = T>) -> T {
+    poll_once(future).unwrap_or_else(|| {
+        panic!("capabilities say speed = InProcess, yet `{operation}` waited (was not ready on its first poll)")
+    })
+}
+
+/// Asserts that an operation answered `Ok`, or `Unsupported` when the store does not claim it.
+fn supported_ok<T: fmt::Debug>(operation: &str, claimed: bool, result: Result<T, StoreError>) {
+    match result {
+        Ok(_) if claimed => {}
+        Err(e) if !claimed && e.is_unsupported() => {}
+        other => panic!("`{operation}` (claimed: {claimed}) answered {other:?}"),
+    }
+}
+
+/// A store that claims `speed = InProcess` completes every operation on its first poll: it
+/// never waits for I/O, a lock held across an await, or a timer. (A `Network` store may answer
+/// from a cache or wait: nothing to check.)
+pub async fn in_process_stores_never_wait(harness: &dyn Harness) {
+    let store = fresh(harness).await;
+    let caps = store.capabilities();
+    if caps.speed != Speed::InProcess {
+        return;
+    }
+    let (lookup, listing, leases) = (caps.lookup, caps.can_list_users(), caps.leases);
+    let n = node("node-a");
+    on_first_poll("add", store.add(record("c1", "ann", "node-a")))
+        .unwrap_or_else(|e| panic!("add failed: {e}"));
+    on_first_poll("reconnect", store.reconnect(record("c2", "ann", "node-a")))
+        .unwrap_or_else(|e| panic!("reconnect failed: {e}"));
+    supported_ok(
+        "connections",
+        lookup,
+        on_first_poll("connections", store.connections(&user("ann"))),
+    );
+    supported_ok(
+        "users",
+        listing,
+        on_first_poll("users", store.users(PageRequest::first(10))),
+    );
+    supported_ok("counts", listing, on_first_poll("counts", store.counts()));
+    supported_ok(
+        "heartbeat",
+        leases,
+        on_first_poll("heartbeat", store.heartbeat(&n, LONG_LEASE)),
+    );
+    supported_ok("sweep", leases, on_first_poll("sweep", store.sweep()));
+    supported_ok(
+        "release",
+        leases,
+        on_first_poll("release", store.release(&n)),
+    );
+    let _ = on_first_poll("remove", store.remove(&user("ann"), &conn("c1")))
+        .unwrap_or_else(|e| panic!("remove failed: {e}"));
+}
+
+/// Waits for `result` (at most [`UNREACHABLE_DEADLINE`]) and asserts that it failed
+/// transiently, or with `Unsupported` for an operation the store does not claim.
+async fn fails_transiently<T: fmt::Debug>(
+    operation: &str,
+    claimed: bool,
+    result: impl Future<Output = Result<T, StoreError>>,
+) {
+    match tokio::time::timeout(UNREACHABLE_DEADLINE, result).await {
+        Err(_) => panic!(
+            "`{operation}` on an unreachable store did not answer within {UNREACHABLE_DEADLINE:?}"
+        ),
+        Ok(Ok(answer)) => {
+            panic!("`{operation}` on an unreachable store answered {answer:?}; it must fail")
+        }
+        Ok(Err(e)) if !claimed && e.is_unsupported() => {}
+        Ok(Err(e)) => assert!(
+            e.is_transient(),
+            "`{operation}` on an unreachable store must fail transiently (Unavailable, \
+             Timeout or a transient Backend error), got {e:?}"
+        ),
+    }
+}
+
+/// A store whose backend cannot be reached fails every operation it supports with a transient
+/// error (`Unavailable`, `Timeout`, or a transient `Backend` error), each within
+/// [`UNREACHABLE_DEADLINE`], and never answers as if it had data. Harnesses of `Network`
+/// stores must provide such a store ([`Harness::unreachable`]); in-process stores have no
+/// backend to lose.
+pub async fn an_unreachable_store_fails_transiently(harness: &dyn Harness) {
+    let caps = fresh(harness).await.capabilities();
+    let Some(store) = harness.unreachable().await else {
+        assert!(
+            caps.speed != Speed::Network,
+            "the `{}` store's capabilities say speed = Network, so its harness must implement \
+             `Harness::unreachable` (a store whose backend cannot be reached, e.g. a closed port)",
+            caps.strategy
+        );
+        return;
+    };
+    let (lookup, listing, leases) = (caps.lookup, caps.can_list_users(), caps.leases);
+    let n = node("node-a");
+    fails_transiently("add", true, store.add(record("c1", "ann", "node-a"))).await;
+    fails_transiently("remove", true, store.remove(&user("ann"), &conn("c1"))).await;
+    fails_transiently(
+        "reconnect",
+        true,
+        store.reconnect(record("c1", "ann", "node-a")),
+    )
+    .await;
+    fails_transiently("connections", lookup, store.connections(&user("ann"))).await;
+    fails_transiently("users", listing, store.users(PageRequest::first(10))).await;
+    fails_transiently("counts", listing, store.counts()).await;
+    fails_transiently("heartbeat", leases, store.heartbeat(&n, LONG_LEASE)).await;
+    fails_transiently("sweep", leases, store.sweep()).await;
+    fails_transiently("release", leases, store.release(&n)).await;
+}
+
+/// `heartbeat` tells what it found: `Taken` for a node's first lease, `Renewed` while the
+/// lease is live, `Lapsed` once it expired (not swept yet), and `Taken` again after a sweep
+/// forgot it. Without leases, `heartbeat`, `sweep` and `release` are all `Unsupported`.
+pub async fn heartbeat_answers_what_it_found(harness: &dyn Harness) {
+    let store = fresh(harness).await;
+    let (a, b) = (node("node-a"), node("node-b"));
+    if !store.capabilities().leases {
+        for (operation, result) in [
+            (
+                "heartbeat",
+                store.heartbeat(&a, LONG_LEASE).await.map(|_| 0),
+            ),
+            ("sweep", store.sweep().await),
+            ("release", store.release(&a).await),
+        ] {
+            let err = result.expect_err("leases = false, yet the operation worked");
+            assert!(
+                err.is_unsupported(),
+                "{operation} without leases: expected Unsupported, got {err}"
+            );
+        }
+        return;
+    }
+    let beat = |n: &NodeId, ttl| {
+        let (store, n) = (store.clone(), n.clone());
+        async move {
+            store
+                .heartbeat(&n, ttl)
+                .await
+                .unwrap_or_else(|e| panic!("heartbeat({n}) failed: {e}"))
+        }
+    };
+    assert_eq!(
+        beat(&a, SHORT_LEASE).await,
+        Lease::Taken,
+        "node-a's first heartbeat"
+    );
+    assert_eq!(
+        beat(&b, SHORT_LEASE).await,
+        Lease::Taken,
+        "node-b's first heartbeat"
+    );
+    assert_eq!(
+        beat(&a, SHORT_LEASE).await,
+        Lease::Renewed,
+        "node-a's live lease"
+    );
+    tokio::time::sleep(SHORT_LEASE + LEASE_SLACK).await;
+    assert_eq!(
+        beat(&a, LONG_LEASE).await,
+        Lease::Lapsed,
+        "node-a's lease expired and was not swept"
+    );
+    let _ = store
+        .sweep()
+        .await
+        .unwrap_or_else(|e| panic!("sweep failed: {e}"));
+    assert_eq!(
+        beat(&b, LONG_LEASE).await,
+        Lease::Taken,
+        "node-b's expired lease was swept"
+    );
+    assert_eq!(
+        beat(&a, LONG_LEASE).await,
+        Lease::Renewed,
+        "node-a renewed in time: the sweep spared its lease"
+    );
+}
+
+/// `release` ends a node's lease and removes exactly that node's connections, whatever their
+/// user, and answers how many; other nodes' connections (leased or not) stay. A second release
+/// finds nothing, and the node's next heartbeat takes a new lease.
+pub async fn release_removes_exactly_the_nodes_records(harness: &dyn Harness) {
+    let store = fresh(harness).await;
+    if !store.capabilities().leases {
+        return; // `heartbeat_answers_what_it_found` checks that release is Unsupported.
+    }
+    let (a, b) = (node("node-a"), node("node-b"));
+    for n in [&a, &b] {
+        let _ = store
+            .heartbeat(n, LONG_LEASE)
+            .await
+            .unwrap_or_else(|e| panic!("heartbeat({n}) failed: {e}"));
+    }
+    add_ok(&*store, record("a1", "ann", "node-a")).await;
+    add_ok(&*store, record("a2", "bob", "node-a")).await;
+    add_ok(&*store, record("b1", "ann", "node-b")).await;
+    add_ok(&*store, record("c1", "cat", "node-c")).await; // node-c never took a lease
+    let released = store
+        .release(&a)
+        .await
+        .unwrap_or_else(|e| panic!("release(node-a) failed: {e}"));
+    assert_eq!(released, 2, "node-a held a1 and a2");
+    if let Some(ids) = live_ids(&*store, &user("ann")).await {
+        assert_eq!(ids, ["b1"], "node-b's connection of the same user stays");
+        assert_eq!(live_ids(&*store, &user("bob")).await, Some(vec![]));
+        assert_eq!(
+            live_ids(&*store, &user("cat")).await,
+            Some(vec!["c1".to_string()])
+        );
+    }
+    if let Some(users) = all_users(&*store, 10).await {
+        assert_eq!(users, vec![user("ann"), user("cat")]);
+        let counts = store
+            .counts()
+            .await
+            .unwrap_or_else(|e| panic!("counts(): {e}"));
+        assert_eq!((counts.users, counts.connections), (2, 2));
+    }
+    let again = store
+        .release(&a)
+        .await
+        .unwrap_or_else(|e| panic!("release(node-a) failed: {e}"));
+    assert_eq!(again, 0, "a second release finds nothing");
+    for (n, lease) in [(&a, Lease::Taken), (&b, Lease::Renewed)] {
+        let found = store
+            .heartbeat(n, LONG_LEASE)
+            .await
+            .unwrap_or_else(|e| panic!("heartbeat({n}) failed: {e}"));
+        assert_eq!(found, lease, "heartbeat({n}) after node-a's release");
+    }
+}
+
+/// Once a node's lease expires, lookups, listing and counts ignore its connections at once,
+/// without waiting for a sweep; connections of nodes with a live lease, or that never took a
+/// lease, stay visible. When the node renews (its lease lapsed but was not swept), they are
+/// visible again.
+pub async fn lookups_ignore_nodes_whose_lease_expired(harness: &dyn Harness) {
+    let store = fresh(harness).await;
+    if !store.capabilities().leases {
+        return;
+    }
+    let (a, b) = (node("node-a"), node("node-b"));
+    let _ = store
+        .heartbeat(&a, LONG_LEASE)
+        .await
+        .unwrap_or_else(|e| panic!("heartbeat(node-a) failed: {e}"));
+    let _ = store
+        .heartbeat(&b, SHORT_LEASE)
+        .await
+        .unwrap_or_else(|e| panic!("heartbeat(node-b) failed: {e}"));
+    add_ok(&*store, record("a1", "ann", "node-a")).await;
+    add_ok(&*store, record("b1", "ann", "node-b")).await;
+    add_ok(&*store, record("b2", "bob", "node-b")).await;
+    add_ok(&*store, record("c1", "cat", "node-c")).await; // node-c never took a lease
+    let visible =
+        |ann: &'static [&'static str], bob: &'static [&'static str], when: &'static str| {
+            let store = store.clone();
+            async move {
+                if let Some(ids) = live_ids(&*store, &user("ann")).await {
+                    assert_eq!(ids, ann, "ann's connections {when}");
+                    assert_eq!(
+                        live_ids(&*store, &user("bob")).await.unwrap_or_default(),
+                        bob,
+                        "bob's connections {when}"
+                    );
+                    assert_eq!(
+                        live_ids(&*store, &user("cat")).await.unwrap_or_default(),
+                        ["c1"],
+                        "a node that never took a lease stays visible until a sweep ({when})"
+                    );
+                }
+                if let Some(users) = all_users(&*store, 1).await {
+                    let mut expected = vec![user("ann"), user("cat")];
+                    if !bob.is_empty() {
+                        expected.insert(1, user("bob"));
+                    }
+                    assert_eq!(users, expected, "listed users {when}");
+                    let counts = store
+                        .counts()
+                        .await
+                        .unwrap_or_else(|e| panic!("counts(): {e}"));
+                    let connections = (ann.len() + bob.len() + 1) as u64;
+                    assert_eq!(
+                        (counts.users, counts.connections),
+                        (expected.len() as u64, connections),
+                        "counts {when}"
+                    );
+                }
+            }
+        };
+    visible(&["a1", "b1"], &["b2"], "while every lease is live").await;
+    tokio::time::sleep(SHORT_LEASE + LEASE_SLACK).await;
+    visible(
+        &["a1"],
+        &[],
+        "once node-b's lease expired, before any sweep",
+    )
+    .await;
+    let found = store
+        .heartbeat(&b, LONG_LEASE)
+        .await
+        .unwrap_or_else(|e| panic!("heartbeat(node-b) failed: {e}"));
+    assert_eq!(found, Lease::Lapsed, "node-b's lease expired, unswept");
+    visible(
+        &["a1", "b1"],
+        &["b2"],
+        "after node-b renewed its lapsed lease",
+    )
+    .await;
+}
+
 /// A lease long enough never to run out during a case.
-const LONG_LEASE: Duration = Duration::from_secs(600);
+pub const LONG_LEASE: Duration = Duration::from_secs(600);
 /// A lease a case waits out.
-const SHORT_LEASE: Duration = Duration::from_millis(600);
+pub const SHORT_LEASE: Duration = Duration::from_millis(600);
 /// How long past [`SHORT_LEASE`] a case waits, for stores whose clock is behind a network.
-const LEASE_SLACK: Duration = Duration::from_millis(400);
+pub const LEASE_SLACK: Duration = Duration::from_millis(400);
+/// How long one operation on an unreachable store may take before it fails.
+pub const UNREACHABLE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// One operation of a task in the property-based scenario. Each task owns its connection slots,
 /// so its own results are deterministic, while users are shared between tasks.
@@ -638,9 +1075,20 @@ async fn run_scenario(store: Arc<dyn ConnectionStore>, tasks: Vec<Vec<Op>>) -> R
 /// each owning its connections) end in exactly the state a sequential model predicts, and every
 /// single answer along the way matches the model.
 ///
-/// Runs [`Harness::proptest_cases`] scenarios, each on a fresh store inside its own two-worker
-/// runtime. Not async: it drives its own runtimes.
-pub fn concurrent_operations_match_a_sequential_model(harness: &dyn Harness) {
+/// Runs [`Harness::proptest_cases`] scenarios, each on a fresh namespace (cleaned up after the
+/// scenario). Not async: it builds one two-worker runtime, builds the harness with
+/// `make_harness` inside it, runs every scenario in it with `block_on` (so the harness may keep
+/// a connection pool across scenarios) and drops the harness inside it.
+pub fn concurrent_operations_match_a_sequential_model<H: Harness>(
+    make_harness: impl FnOnce() -> H,
+) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("cannot build the scenarios' runtime: {e}"));
+    let _inside = runtime.enter();
+    let harness = make_harness();
     let strategy = proptest::collection::vec(proptest::collection::vec(op_strategy(), 1..24), 2..6);
     let mut runner = TestRunner::new(Config {
         cases: harness.proptest_cases(),
@@ -648,18 +1096,18 @@ pub fn concurrent_operations_match_a_sequential_model(harness: &dyn Harness) {
         ..Config::default()
     });
     let result = runner.run(&strategy, |tasks| {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(|e| TestCaseError::fail(format!("runtime: {e}")))?;
         runtime.block_on(async {
-            let store = harness.store(&unique_namespace()).await;
-            run_scenario(store, tasks)
+            let scope = Scope::new(&harness);
+            scope
+                .run(async {
+                    let store = scope.store(&unique_namespace()).await;
+                    run_scenario(store, tasks).await
+                })
                 .await
                 .map_err(TestCaseError::fail)
         })
     });
+    drop(harness);
     if let Err(e) = result {
         panic!("{e}");
     }
