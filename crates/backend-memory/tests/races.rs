@@ -14,6 +14,13 @@
 //!   puts its id into a set that is then unlinked from the map. [`TwoStepStore`] re-creates
 //!   this on a `DashMap<UserId, Arc<Mutex<HashSet<ConnectionId>>>>`.
 //!
+//! And one race of node leases, which the classic sample does not have:
+//!
+//! * **(c) Sweeping from a snapshot.** A sweep that first decides which nodes are live and then
+//!   walks the records removes the records of a node that renewed in between and re-recorded
+//!   its connections: the node was told its lease is fine, and its connections are gone.
+//!   [`SnapshotSweepStore`] re-creates this.
+//!
 //! Each check is one function over the [`Probe`] trait, run against the naive store (where it
 //! must fail, so the check cannot pass vacuously) and against [`MemoryStore`] (where it must
 //! pass). Each naive store has only its own race: the deterministic check for the other race
@@ -25,10 +32,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use switchboard_core::testkit::{conn, node, ready, t0, user};
-use switchboard_core::{ConnectionId, ConnectionRecord, ConnectionStore, Counts, UserId};
+use switchboard_core::{ConnectionId, ConnectionRecord, ConnectionStore, Counts, NodeId, UserId};
 use switchboard_memory::MemoryStore;
 
 /// Rounds per thread in the multi-threaded checks. The naive stores are caught in the first
@@ -429,6 +437,141 @@ fn one_stress_at_a_time() -> MutexGuard<'static, ()> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Race (c): a sweep racing a renewal
+// ---------------------------------------------------------------------------------------------
+
+/// A store with node leases, as the sweep check sees it: synchronous, one node at a time.
+trait LeaseProbe: Sync {
+    /// Gives `node` a lease that has already run out.
+    fn expire(&self, node: &NodeId);
+
+    /// Renews the lease of `node` for long enough to outlast the check.
+    fn renew(&self, node: &NodeId);
+
+    /// Records connection `id` of `user` on `node`, or records it again if it is there.
+    fn record(&self, user: &UserId, id: &ConnectionId, node: &NodeId);
+
+    /// Whether a lookup of `user` lists `id`.
+    fn holds(&self, user: &UserId, id: &ConnectionId) -> bool;
+
+    /// Sweeps while `during` runs. A store that decides which nodes are live before it walks
+    /// the records runs `during` in between, the worst moment it exposes; a store that checks
+    /// each record's lease as it walks runs `during` on another thread at the same time.
+    fn sweep_racing(&self, during: &(dyn Fn() + Sync));
+}
+
+impl LeaseProbe for MemoryStore {
+    fn expire(&self, node: &NodeId) {
+        let _ = ready(self.heartbeat(node, Duration::ZERO)).expect("MemoryStore has leases");
+    }
+
+    fn renew(&self, node: &NodeId) {
+        let _ =
+            ready(self.heartbeat(node, Duration::from_secs(3600))).expect("MemoryStore has leases");
+    }
+
+    fn record(&self, user: &UserId, id: &ConnectionId, node: &NodeId) {
+        let record = ConnectionRecord::new(id.clone(), user.clone(), node.clone(), t0());
+        ready(self.reconnect(record)).expect("MemoryStore reconnect cannot fail");
+    }
+
+    fn holds(&self, user: &UserId, id: &ConnectionId) -> bool {
+        Probe::is_connected(self, user, id)
+    }
+
+    fn sweep_racing(&self, during: &(dyn Fn() + Sync)) {
+        concurrently(
+            || {
+                let _ = ready(self.sweep()).expect("MemoryStore sweep cannot fail");
+            },
+            during,
+        );
+    }
+}
+
+/// Leases and records behind two locks; its sweep takes a snapshot of the live nodes, then
+/// removes every record whose node is not in it. It has race (c) only.
+#[derive(Debug, Default)]
+struct SnapshotSweepStore {
+    leases: Mutex<HashMap<NodeId, Instant>>,
+    users: Mutex<HashMap<UserId, HashMap<ConnectionId, NodeId>>>,
+}
+
+impl LeaseProbe for SnapshotSweepStore {
+    fn expire(&self, node: &NodeId) {
+        lock(&self.leases).insert(node.clone(), Instant::now());
+    }
+
+    fn renew(&self, node: &NodeId) {
+        lock(&self.leases).insert(node.clone(), Instant::now() + Duration::from_secs(3600));
+    }
+
+    fn record(&self, user: &UserId, id: &ConnectionId, node: &NodeId) {
+        lock(&self.users)
+            .entry(user.clone())
+            .or_default()
+            .insert(id.clone(), node.clone());
+    }
+
+    fn holds(&self, user: &UserId, id: &ConnectionId) -> bool {
+        lock(&self.users)
+            .get(user)
+            .is_some_and(|conns| conns.contains_key(id))
+    }
+
+    fn sweep_racing(&self, during: &(dyn Fn() + Sync)) {
+        let now = Instant::now();
+        let live: HashSet<NodeId> = lock(&self.leases)
+            .iter()
+            .filter(|(_, expires)| **expires > now)
+            .map(|(node, _)| node.clone())
+            .collect();
+        // The window: the snapshot is taken, the records are not walked yet.
+        during();
+        lock(&self.users).retain(|_, conns| {
+            conns.retain(|_, node| live.contains(node));
+            !conns.is_empty()
+        });
+    }
+}
+
+/// A node whose lease ran out renews it while a sweep runs, then records its `users`
+/// connections again (as a node does when it learns its lease had lapsed). Every connection
+/// it recorded after renewing is kept: the sweep removed it before, or found the lease live.
+fn renewal_during_a_sweep_keeps_what_follows(
+    store: &dyn LeaseProbe,
+    users: usize,
+) -> Result<(), String> {
+    let n1 = node("n1");
+    let connections: Vec<(UserId, ConnectionId)> = (0..users)
+        .map(|i| (user(&format!("user-{i}")), conn(&format!("c-{i}"))))
+        .collect();
+    for (u, id) in &connections {
+        store.record(u, id, &n1);
+    }
+    store.expire(&n1);
+
+    store.sweep_racing(&|| {
+        store.renew(&n1);
+        for (u, id) in &connections {
+            store.record(u, id, &n1);
+        }
+    });
+
+    let lost = connections
+        .iter()
+        .filter(|(u, id)| !store.holds(u, id))
+        .count();
+    if lost == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "n1 renewed during a sweep and recorded {users} connections again; {lost} are gone"
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
 
@@ -495,3 +638,26 @@ fn concurrent_connects_and_disconnects_of_one_user_lose_nothing() {
         "every connection was removed again"
     );
 }
+
+#[test]
+fn a_node_that_renews_during_a_sweep_keeps_what_it_records() {
+    // Deterministic: the naive store renews and re-records exactly inside its window.
+    let naive = renewal_during_a_sweep_keeps_what_follows(&SnapshotSweepStore::default(), 10);
+    assert!(
+        naive.is_err(),
+        "the check must catch a sweep that works from a snapshot of the live nodes"
+    );
+
+    // The renewal lands before, during or after the walk over the users, as the threads
+    // fall; every round must keep every connection.
+    let _serial = one_stress_at_a_time();
+    for round in 0..SWEEP_ROUNDS {
+        renewal_during_a_sweep_keeps_what_follows(&MemoryStore::new(), SWEEP_USERS)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+    }
+}
+
+/// Rounds of the sweep race on `MemoryStore`, each on a fresh store.
+const SWEEP_ROUNDS: usize = 40;
+/// Users (one connection each) of the node that renews: enough that a sweep takes a while.
+const SWEEP_USERS: usize = 2_000;
