@@ -1,6 +1,8 @@
 //! Connection-store benchmarks: connect+disconnect pairs per second and lookups per second, at
 //! 1 and 2 threads, with 10k and 1M live connections pre-loaded (users with 2 connections
-//! each), for [`MemoryStore`] and for the single-global-mutex baseline in [`baseline`].
+//! each), for [`MemoryStore`] (without leases, and `memory-leased`: with the live lease of the
+//! node holding every connection, as on a server that heartbeats) and for the
+//! single-global-mutex baseline in [`baseline`].
 //!
 //! Run with `cargo bench -p switchboard-memory --bench store` (about two minutes); results and
 //! the machine they were measured on are in `docs/BENCHMARKS.md`. Benchmark ids read
@@ -43,6 +45,8 @@ const POPULATIONS: [(&str, usize); 2] = [("10k", 10_000), ("1M", 1_000_000)];
 const CONNECTIONS_PER_USER: usize = 2;
 /// Thread counts measured.
 const THREADS: [usize; 2] = [1, 2];
+/// The node holding every connection.
+const NODE: &str = "node-1";
 /// Pre-built records per thread, used in a cycle.
 const POOL_SIZE: usize = 1 << 16;
 
@@ -166,9 +170,16 @@ fn timed(
 /// The stores measured: (name, constructor with room for `users` users).
 type MakeStore = fn(usize) -> Arc<dyn ConnectionStore>;
 
-const STORES: [(&str, MakeStore); 2] = [
+const STORES: [(&str, MakeStore); 3] = [
     ("memory", |users| {
         Arc::new(MemoryStore::with_capacity(users))
+    }),
+    ("memory-leased", |users| {
+        let store = MemoryStore::with_capacity(users);
+        let node = NodeId::new(NODE).expect("valid bench node id");
+        let _ = ready(store.heartbeat(&node, Duration::from_secs(3600)))
+            .expect("the memory store has leases");
+        Arc::new(store)
     }),
     ("global-mutex", |users| {
         Arc::new(GlobalMutexStore::with_capacity(users))
@@ -178,7 +189,7 @@ const STORES: [(&str, MakeStore); 2] = [
 fn stores(c: &mut Criterion) {
     let max_threads = THREADS.iter().copied().max().unwrap_or(1);
     for (population, connections) in POPULATIONS {
-        let node = NodeId::new("node-1").expect("valid bench node id");
+        let node = NodeId::new(NODE).expect("valid bench node id");
         let users = population_users(connections);
         let pools = pools(&users, &node, max_threads);
         for (name, make) in STORES {
