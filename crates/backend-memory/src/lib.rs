@@ -24,6 +24,16 @@
 //! * Lookups copy the answer (a few reference-counted records) and release the lock before
 //!   returning; no lock is ever held across an `.await`.
 //!
+//! ## Node leases
+//!
+//! The store has node leases on the process clock, so several logical nodes in one process
+//! (tests, embedded setups) behave like nodes sharing a database: lookups and counts skip the
+//! records of a node whose lease expired, and a sweep removes them. A sweep checks each
+//! record's lease under that user's shard lock as it removes it, so a node that renews during
+//! a sweep keeps what it records after renewing. Leases change rarely, so they sit behind one
+//! lock, with the earliest expiry copied into an atomic: while no lease has expired, lookups
+//! and counts read that atomic (and the clock, once some node holds a lease) and nothing else.
+//!
 //! ## What it shares between threads
 //!
 //! Two threads only meet on a lock when they touch users in the same shard of the map, so the

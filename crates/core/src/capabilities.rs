@@ -3,8 +3,9 @@
 //! Each store instance answers [`ConnectionStore::capabilities`](crate::ConnectionStore) with one
 //! [`Capabilities`] value. Its fields are the columns of the classic comparison of user-mapping
 //! strategies (more than one server, list connected users, survives restarts, speed) plus how
-//! records orphaned by a crashed node are cleaned up. The conformance suite checks every claim
-//! against behaviour, and the README's capability table is rendered from these values.
+//! records orphaned by a crashed node are cleaned up and whether the store has node leases. The
+//! conformance suite checks every claim against behaviour, and the README's capability table is
+//! rendered from these values.
 
 use std::fmt::Write as _;
 
@@ -26,9 +27,11 @@ pub enum UserListing {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Speed {
-    /// In-process data structures: well under a microsecond per operation.
+    /// In-process data structures: well under a microsecond per operation, and no operation
+    /// ever waits (each completes on its first poll).
     InProcess,
-    /// A network round trip to an external service per operation that misses any cache.
+    /// A network round trip to an external service per operation that misses any cache. While
+    /// the service cannot be reached, operations fail with transient errors, in bounded time.
     Network,
 }
 
@@ -52,16 +55,20 @@ pub enum OrphanCleanup {
 pub struct Capabilities {
     /// Short name of the strategy, as given to `--store` (`memory`, `groups`, `sql`, `azure`).
     pub strategy: &'static str,
-    /// Several server nodes can share the store and see each other's connections.
+    /// Several server nodes can share the store and see each other's connections: instances
+    /// opened on the same data (a database, a table) by different processes see the same
+    /// records. When `false`, every instance holds its own records.
     pub shared_across_nodes: bool,
     /// [`connections`](crate::ConnectionStore::connections) answers for a user. When `false`,
     /// it returns `Unsupported` and the server delivers to users through per-user groups.
     pub lookup: bool,
     /// Whether and how connected users can be listed (and counted).
     pub list_users: UserListing,
-    /// Records survive a restart of the server process (and of the store itself).
+    /// Records survive a restart of the server process (and of the store itself): a new
+    /// instance opened on the same data finds them. Never with
+    /// [`OrphanCleanup::DiesWithNode`].
     pub survives_restart: bool,
-    /// How fast operations are.
+    /// How fast operations are, and whether they ever wait; see [`Speed`].
     pub speed: Speed,
     /// How orphaned records are cleaned up.
     pub orphan_cleanup: OrphanCleanup,
@@ -80,8 +87,10 @@ impl Capabilities {
         self.list_users != UserListing::Unsupported
     }
 
-    /// Whether [`heartbeat`](crate::ConnectionStore::heartbeat) and
-    /// [`sweep`](crate::ConnectionStore::sweep) are supported.
+    /// Whether [`heartbeat`](crate::ConnectionStore::heartbeat),
+    /// [`sweep`](crate::ConnectionStore::sweep) and
+    /// [`release`](crate::ConnectionStore::release) are supported (the same as
+    /// [`Capabilities::leases`]).
     pub fn has_leases(&self) -> bool {
         self.leases
     }

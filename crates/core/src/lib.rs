@@ -30,10 +30,25 @@
 //!
 //! ## Orphans
 //!
-//! A node that crashes cannot remove its connections. Stores shared across nodes therefore
-//! record the node of every connection and give each node a lease it renews with
-//! [`ConnectionStore::heartbeat`]; any node's [`ConnectionStore::sweep`] removes the connections
-//! of nodes whose lease ran out. [`Capabilities::orphan_cleanup`] says which scheme a store uses.
+//! A node that crashes cannot remove its connections. Where that leaves records behind is a
+//! property of the store, [`Capabilities::orphan_cleanup`]:
+//!
+//! * [`OrphanCleanup::DiesWithNode`]: the records live in the memory of the process that holds
+//!   the sockets (the in-memory map, per-node hub groups), so a crash leaves nothing behind.
+//! * [`OrphanCleanup::LeaseSweep`]: the records outlive their node (a database, a table
+//!   service). Every record names its node, and each node holds a lease it renews with
+//!   [`ConnectionStore::heartbeat`]; any node's [`ConnectionStore::sweep`] removes the
+//!   connections of nodes whose lease ran out, and a node that stops cleanly ends its lease
+//!   with [`ConnectionStore::release`].
+//!
+//! Leases are measured by the store's clock, never the nodes', so nodes need not agree on the
+//! time. [`Capabilities::leases`] says whether a store has them; `LeaseSweep` requires them,
+//! and in-memory stores offer them too, so several nodes in one process behave like nodes
+//! sharing a database. As soon as a node's lease expires, lookups
+//! ([`ConnectionStore::connections`], [`ConnectionStore::users`], [`ConnectionStore::counts`])
+//! ignore its records, without waiting for a sweep; a node that renews in time (its
+//! [`Lease`] answer says `Lapsed` when it did not) is visible again. Records of a node that
+//! never took a lease stay visible until a sweep removes them.
 //!
 //! ## Features
 //!

@@ -107,6 +107,10 @@ pub struct Counts {
 ///   [`capabilities`](Self::capabilities) states up front which ones a store supports. A store
 ///   never answers an unsupported question with an empty result that looks real.
 /// * All operations are safe to call concurrently from many tasks.
+/// * With [leases](Capabilities::leases), [`connections`](Self::connections),
+///   [`users`](Self::users) and [`counts`](Self::counts) ignore the records of every node
+///   whose lease has expired by the store's clock, from the moment it expires; records of a
+///   node that never took a lease count as live until a [`sweep`](Self::sweep) removes them.
 #[async_trait]
 pub trait ConnectionStore: Send + Sync + fmt::Debug + 'static {
     /// What this store instance can do.
@@ -138,6 +142,7 @@ pub trait ConnectionStore: Send + Sync + fmt::Debug + 'static {
     async fn reconnect(&self, record: ConnectionRecord) -> Result<(), StoreError>;
 
     /// The live connections of `user`, in no particular order; empty when the user has none.
+    /// Connections of nodes whose lease expired are not live.
     ///
     /// # Errors
     ///
@@ -150,7 +155,8 @@ pub trait ConnectionStore: Send + Sync + fmt::Debug + 'static {
         ))
     }
 
-    /// One page of connected users, in ascending byte order of their ids.
+    /// One page of connected users, in ascending byte order of their ids. A user whose only
+    /// connections are on nodes whose lease expired is not connected.
     ///
     /// # Errors
     ///
@@ -164,7 +170,8 @@ pub trait ConnectionStore: Send + Sync + fmt::Debug + 'static {
         ))
     }
 
-    /// How many users and connections are recorded.
+    /// How many users and connections are live, by the same rules as
+    /// [`connections`](Self::connections) and [`users`](Self::users).
     ///
     /// # Errors
     ///
@@ -184,7 +191,7 @@ pub trait ConnectionStore: Send + Sync + fmt::Debug + 'static {
     /// A node renews well before its lease runs out (the server: every third of the lease).
     /// Records of a node whose lease expired are ignored by [`connections`](Self::connections),
     /// [`users`](Self::users) and [`counts`](Self::counts) at once, and removed by the next
-    /// [`sweep`](Self::sweep).
+    /// [`sweep`](Self::sweep). A `ttl` longer than [`Lease::MAX_TTL`] is shortened to it.
     ///
     /// # Errors
     ///
@@ -213,9 +220,10 @@ pub trait ConnectionStore: Send + Sync + fmt::Debug + 'static {
         ))
     }
 
-    /// Ends the lease of `node` and removes every connection it holds, for a node that stops
-    /// cleanly. Returns how many connections were removed (normally 0: the node removes its
-    /// connections one by one as they close; this catches what is left).
+    /// Ends the lease of `node` and removes every connection it holds, and no other, for a
+    /// node that stops cleanly. Returns how many connections were removed (normally 0: the
+    /// node removes its connections one by one as they close; this catches what is left). The
+    /// node's next [`heartbeat`](Self::heartbeat) takes a new lease.
     ///
     /// # Errors
     ///

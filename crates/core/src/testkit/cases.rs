@@ -8,7 +8,7 @@
 //!
 //! Each case picks its own namespaces with [`unique_namespace`]. The
 //! [`conformance_tests!`](crate::conformance_tests) macro runs each case inside a
-//! [`Scope`](super::Scope), which cleans those namespaces up afterwards; a case called
+//! [`Scope`], which cleans those namespaces up afterwards; a case called
 //! directly cleans up nothing.
 //!
 //! Cases about leases wait for real, since leases run on the store's clock: a short lease is

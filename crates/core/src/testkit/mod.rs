@@ -94,8 +94,8 @@ pub trait Harness: Send + Sync {
 }
 
 /// A harness that remembers the namespaces a case opens, so that [`Scope::run`] can clean them
-/// up after the case, whether it passed or panicked. The [`conformance_tests!`] macro runs
-/// every case in one.
+/// up after the case, whether it passed or panicked. The
+/// [`conformance_tests!`](crate::conformance_tests) macro runs every case in one.
 ///
 /// ```ignore
 /// let scope = Scope::new(&my_harness);
@@ -237,7 +237,7 @@ pub fn record(conn_id: &str, user_id: &str, node_id: &str) -> ConnectionRecord {
 }
 
 /// The names of the async conformance cases in [`cases`], in the order the
-/// [`conformance_tests!`] macro runs them (the property-based
+/// [`conformance_tests!`](crate::conformance_tests) macro runs them (the property-based
 /// [`cases::concurrent_operations_match_a_sequential_model`] comes on top).
 pub const CASES: &[&str] = crate::__conformance_cases!(names);
 

@@ -40,7 +40,8 @@ impl State {
 /// The conformance suite's model as a store: one mutex around ordered maps.
 ///
 /// Obviously correct and deliberately simple; use it as a fake in unit tests, not in servers.
-/// Single process only, lists users by index, supports node leases.
+/// Single process only, lists users by index, supports node leases on the process clock
+/// (lookups skip the records of nodes whose lease expired).
 #[derive(Debug, Default)]
 pub struct ReferenceStore {
     state: Mutex<State>,
