@@ -337,6 +337,30 @@ mod tests {
     }
 
     #[test]
+    fn a_join_racing_a_removal_leaves_no_dangling_member() {
+        // A join that put the group into the connection's list, let go of the connection and
+        // only then added the member could be overtaken by a removal in between, leaving a
+        // member no removal would ever take out.
+        let registry = Registry::default();
+        for round in 0..2000 {
+            let conn = format!("c{round}");
+            let _mailbox = registry.insert(&rec(&conn, "ann"), 1024, 8).expect("room");
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    let _ = registry.join(&id(&conn), "room");
+                });
+                s.spawn(|| {
+                    let _ = registry.remove(&id(&conn));
+                });
+            });
+            assert!(
+                members(&registry, "room").is_empty(),
+                "round {round}: a removed connection stayed a member"
+            );
+        }
+    }
+
+    #[test]
     fn users_are_indexed_apart_from_groups() {
         let registry = Registry::default();
         let bob = registry.insert(&rec("b1", "bob"), 1024, 8).expect("room");
