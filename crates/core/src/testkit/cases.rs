@@ -240,7 +240,7 @@ pub async fn reconnect_is_an_idempotent_upsert(harness: &dyn Harness) {
             "repeated reconnects must leave one record"
         );
     }
-    // Existing: replaced (the connection re-attached on another node).
+    // Existing: replaced (node, user agent and time all come from the new record).
     let moved = r
         .clone()
         .with_node(node("node-b"))
