@@ -163,7 +163,7 @@ impl Maintenance {
 
     /// Records every live connection of this node again (an upsert each).
     async fn rerecord(&self, router: &Router) {
-        let records = router.registry.records();
+        let records = router.registry.records(&router.node);
         let mut failed = 0usize;
         for record in records {
             let (user, id) = (record.user().clone(), record.id().clone());

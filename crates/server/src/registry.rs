@@ -10,11 +10,11 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
-use switchboard_core::{ConnectionId, ConnectionRecord, UserId};
+use switchboard_core::{ConnectionId, ConnectionRecord, NodeId, UserId};
 
 use crate::mailbox::{Closing, Mailbox, Offer, Sent};
 
@@ -22,9 +22,15 @@ use crate::mailbox::{Closing, Mailbox, Offer, Sent};
 #[derive(Debug)]
 struct LocalConnection {
     mailbox: Arc<Mailbox>,
-    /// What the store holds for it, kept to record it again when the store lost it.
-    record: ConnectionRecord,
+    user: UserId,
+    /// The rest of its store record, kept to record it again when the store lost it.
+    user_agent: Option<Arc<str>>,
+    connected_at_ms: u64,
     groups: Vec<Arc<str>>,
+}
+
+fn millis(record: &ConnectionRecord) -> u64 {
+    u64::try_from(record.connected_at_millis()).unwrap_or(0)
 }
 
 /// What [`Registry::join`] did.
@@ -107,12 +113,13 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
-    /// Registers the connection of `record`; returns its mailbox, which holds at most
-    /// `queue_size` bytes of records. Refused when its user already has `max_per_user`
-    /// connections here.
+    /// Registers the connection of `record` (whose user agent is `user_agent`, shared rather
+    /// than copied); returns its mailbox, which holds at most `queue_size` bytes of records.
+    /// Refused when its user already has `max_per_user` connections here.
     pub(crate) fn insert(
         &self,
         record: &ConnectionRecord,
+        user_agent: Option<&Arc<str>>,
         queue_size: usize,
         max_per_user: usize,
     ) -> Result<Arc<Mailbox>, TooManyConnections> {
@@ -131,7 +138,9 @@ impl Registry {
             id,
             LocalConnection {
                 mailbox: mailbox.clone(),
-                record: record.clone(),
+                user: record.user().clone(),
+                user_agent: user_agent.cloned(),
+                connected_at_ms: millis(record),
                 groups: Vec::new(),
             },
         );
@@ -144,7 +153,7 @@ impl Registry {
     pub(crate) fn remove(&self, id: &ConnectionId) -> Option<Vec<Arc<str>>> {
         let (_, conn) = self.connections.remove(id)?;
         conn.mailbox.close(Closing::Gone);
-        self.users.remove_if_mut(conn.record.user(), |_, ids| {
+        self.users.remove_if_mut(&conn.user, |_, ids| {
             ids.retain(|c| c != id);
             ids.is_empty()
         });
@@ -157,18 +166,29 @@ impl Registry {
         Some(conn.groups)
     }
 
-    /// The store records of every local connection, as registered.
-    pub(crate) fn records(&self) -> Vec<ConnectionRecord> {
+    /// The store records of every local connection (held by `node`), as registered.
+    pub(crate) fn records(&self, node: &NodeId) -> Vec<ConnectionRecord> {
         self.connections
             .iter()
-            .map(|conn| conn.record.clone())
+            .map(|conn| {
+                let record = ConnectionRecord::new(
+                    conn.key().clone(),
+                    conn.user.clone(),
+                    node.clone(),
+                    UNIX_EPOCH + Duration::from_millis(conn.connected_at_ms),
+                );
+                match &conn.user_agent {
+                    Some(ua) => record.with_user_agent(ua),
+                    None => record,
+                }
+            })
             .collect()
     }
 
-    /// Replaces the store record kept for a connection (after it re-attached).
+    /// Keeps the connection time of a record written again (after a re-attach).
     pub(crate) fn set_record(&self, record: &ConnectionRecord) {
         if let Some(mut conn) = self.connections.get_mut(record.id()) {
-            conn.record = record.clone();
+            conn.connected_at_ms = millis(record);
         }
     }
 
@@ -289,6 +309,17 @@ mod tests {
         UserId::new(s).expect("valid")
     }
 
+    impl Registry {
+        fn insert_test(
+            &self,
+            record: &ConnectionRecord,
+            queue_size: usize,
+            max_per_user: usize,
+        ) -> Result<Arc<Mailbox>, TooManyConnections> {
+            self.insert(record, None, queue_size, max_per_user)
+        }
+    }
+
     fn rec(conn: &str, u: &str) -> ConnectionRecord {
         ConnectionRecord::new(
             id(conn),
@@ -311,8 +342,8 @@ mod tests {
     #[test]
     fn groups_follow_their_members() {
         let registry = Registry::default();
-        let _a = registry.insert(&rec("a", "ann"), 1024, 8);
-        let _b = registry.insert(&rec("b", "bob"), 1024, 8);
+        let _a = registry.insert_test(&rec("a", "ann"), 1024, 8);
+        let _b = registry.insert_test(&rec("b", "bob"), 1024, 8);
         assert_eq!(registry.join(&id("a"), "room"), Joined::Now);
         assert_eq!(registry.join(&id("b"), "room"), Joined::Now);
         assert_eq!(
@@ -344,7 +375,9 @@ mod tests {
         let registry = Registry::default();
         for round in 0..2000 {
             let conn = format!("c{round}");
-            let _mailbox = registry.insert(&rec(&conn, "ann"), 1024, 8).expect("room");
+            let _mailbox = registry
+                .insert_test(&rec(&conn, "ann"), 1024, 8)
+                .expect("room");
             std::thread::scope(|s| {
                 s.spawn(|| {
                     let _ = registry.join(&id(&conn), "room");
@@ -363,8 +396,10 @@ mod tests {
     #[test]
     fn users_are_indexed_apart_from_groups() {
         let registry = Registry::default();
-        let bob = registry.insert(&rec("b1", "bob"), 1024, 8).expect("room");
-        let _eve = registry.insert(&rec("e1", "eve"), 1024, 8);
+        let bob = registry
+            .insert_test(&rec("b1", "bob"), 1024, 8)
+            .expect("room");
+        let _eve = registry.insert_test(&rec("e1", "eve"), 1024, 8);
         // Whatever name a client picks for a group, it is only a group.
         for name in ["\u{0}user:bob", "user:bob", "bob"] {
             assert_eq!(registry.join(&id("e1"), name), Joined::Now);
@@ -389,22 +424,24 @@ mod tests {
     #[test]
     fn a_user_holds_at_most_the_allowed_connections() {
         let registry = Registry::default();
-        assert!(registry.insert(&rec("a1", "ann"), 1024, 2).is_ok());
-        assert!(registry.insert(&rec("a2", "ann"), 1024, 2).is_ok());
+        assert!(registry.insert_test(&rec("a1", "ann"), 1024, 2).is_ok());
+        assert!(registry.insert_test(&rec("a2", "ann"), 1024, 2).is_ok());
         assert_eq!(
-            registry.insert(&rec("a3", "ann"), 1024, 2).err(),
+            registry.insert_test(&rec("a3", "ann"), 1024, 2).err(),
             Some(TooManyConnections { limit: 2 })
         );
-        assert!(registry.insert(&rec("b1", "bob"), 1024, 2).is_ok());
+        assert!(registry.insert_test(&rec("b1", "bob"), 1024, 2).is_ok());
         let _ = registry.remove(&id("a1"));
-        assert!(registry.insert(&rec("a3", "ann"), 1024, 2).is_ok());
+        assert!(registry.insert_test(&rec("a3", "ann"), 1024, 2).is_ok());
         assert_eq!(registry.len(), 3);
     }
 
     #[test]
     fn a_removed_connection_is_gone_for_senders() {
         let registry = Registry::default();
-        let mailbox = registry.insert(&rec("a", "ann"), 1024, 8).expect("room");
+        let mailbox = registry
+            .insert_test(&rec("a", "ann"), 1024, 8)
+            .expect("room");
         let _ = registry.remove(&id("a"));
         assert_eq!(mailbox.closing(), Some(Closing::Gone));
         let mut fanout = Fanout::default();

@@ -193,7 +193,8 @@ async fn a_node_whose_lease_lapsed_records_its_connections_again() {
     let one = TestServer::start_node(node("n1"), view.clone(), None, short_lease()).await;
     let _two = TestServer::start_node(node("n2"), shared.clone(), None, short_lease()).await;
     let _alice = one.connect("alice").await;
-    assert_eq!(ids_of(&*shared, "alice").await.len(), 1);
+    let original = shared.connections(&user("alice")).await.expect("lookup");
+    assert_eq!(original.len(), 1);
     // Node 1 loses the store for longer than its lease: its record stops counting at once,
     // and node 2 sweeps it.
     view.cut.store(true, Ordering::SeqCst);
@@ -211,6 +212,11 @@ async fn a_node_whose_lease_lapsed_records_its_connections_again() {
         ids_of(&*shared, "alice").await.len() == 1
     })
     .await;
+    assert_eq!(
+        shared.connections(&user("alice")).await.expect("lookup"),
+        original,
+        "the record comes back as it was: same node, user agent and connection time"
+    );
 }
 
 #[tokio::test]

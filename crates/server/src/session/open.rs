@@ -87,6 +87,7 @@ pub(super) async fn open<'a>(
     let record = record_of(inner, info);
     let mailbox = match router.registry.insert(
         &record,
+        info.user_agent.as_ref(),
         options.send_queue_size,
         options.max_connections_per_user,
     ) {
