@@ -1,5 +1,5 @@
 //! The complete Switchboard application: the chat hub, the chat page, health and development
-//! tokens, served with graceful shutdown behind the limits of [`http`](crate::http).
+//! tokens, served with graceful shutdown behind the limits of [`http`].
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -228,7 +228,7 @@ fn connections_for_open_files(soft: u64) -> usize {
 /// # Errors
 ///
 /// None at present: a failed accept is retried after a pause. The `io::Result` is kept for
-/// errors of the listener, like [`axum::serve`]'s.
+/// errors of the listener, like [`axum::serve()`]'s.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
