@@ -356,3 +356,108 @@ async fn a_backplane_outage_is_reported_to_the_sender_and_in_readiness() {
     send_chat(&mut bob, "3", "alice", "back").await;
     assert_eq!(messages(&mut alice, 1).await, [chat("bob: back")]);
 }
+
+/// The reference store, claiming it cannot look users up (as the `groups` strategy): the
+/// nodes then reach users through per-user channels.
+#[derive(Debug, Default)]
+struct NoLookup(ReferenceStore);
+
+#[switchboard_core::async_trait]
+impl ConnectionStore for NoLookup {
+    fn capabilities(&self) -> switchboard_core::Capabilities {
+        switchboard_core::Capabilities {
+            lookup: false,
+            leases: false,
+            ..self.0.capabilities()
+        }
+    }
+    async fn add(
+        &self,
+        record: switchboard_core::ConnectionRecord,
+    ) -> Result<(), switchboard_core::StoreError> {
+        self.0.add(record).await
+    }
+    async fn remove(
+        &self,
+        user: &switchboard_core::UserId,
+        id: &ConnectionId,
+    ) -> Result<switchboard_core::Removal, switchboard_core::StoreError> {
+        self.0.remove(user, id).await
+    }
+    async fn reconnect(
+        &self,
+        record: switchboard_core::ConnectionRecord,
+    ) -> Result<(), switchboard_core::StoreError> {
+        self.0.reconnect(record).await
+    }
+    async fn counts(&self) -> Result<switchboard_core::Counts, switchboard_core::StoreError> {
+        self.0.counts().await
+    }
+}
+
+#[tokio::test]
+async fn without_lookup_users_travel_on_reference_counted_channels() {
+    let store: Arc<dyn ConnectionStore> = Arc::new(NoLookup::default());
+    let bus = MemoryBus::new();
+    let mut nodes = Vec::new();
+    for i in 1..=3 {
+        nodes.push(
+            TestServer::start_node(
+                node(&format!("n{i}")),
+                store.clone(),
+                Some(bus.endpoint()),
+                options(),
+            )
+            .await,
+        );
+    }
+    let delivered = |i: usize| bus.delivered(&node(&format!("n{i}")));
+    let mut alice_laptop = nodes[0].connect("alice").await;
+    let alice_phone = nodes[1].connect("alice").await;
+    let mut alice_phone = Some(alice_phone);
+    let mut bob = nodes[2].connect("bob").await;
+    const N: usize = 20;
+    for i in 0..N {
+        send_chat(&mut bob, &i.to_string(), "alice", &format!("m{i}")).await;
+    }
+    let expected: Vec<Value> = (0..N).map(|i| chat(&format!("bob: m{i}"))).collect();
+    assert_eq!(messages(&mut alice_laptop, N).await, expected);
+    if let Some(phone) = alice_phone.as_mut() {
+        assert_eq!(messages(phone, N).await, expected);
+    }
+    for _ in 0..N {
+        let message = bob.next_message().await.expect("a Completion");
+        assert_eq!(
+            message["type"], 3,
+            "no error for a user reached on her channel: {message}"
+        );
+    }
+    assert_eq!((delivered(1), delivered(2)), (N as u64, N as u64));
+    assert_eq!(
+        delivered(3),
+        0,
+        "bob's node holds no connection of alice: not subscribed"
+    );
+
+    // Alice's last connection on node 2 closes: node 2 leaves her channel.
+    drop(alice_phone.take());
+    nodes[2].wait_for_connections(2).await;
+    let mut carol = nodes[1].connect("carol").await;
+    let before = delivered(2);
+    send_chat(&mut bob, "x", "alice", "after").await;
+    assert_eq!(messages(&mut alice_laptop, 1).await, [chat("bob: after")]);
+    let _ = nodes[2]
+        .hub
+        .all()
+        .send("addChatMessage", &("marker",))
+        .await
+        .expect("delivery");
+    // Node 2 delivers in the order node 3 published: once carol has the marker, anything
+    // for alice would have arrived before it.
+    assert_eq!(messages(&mut carol, 1).await, [chat("marker")]);
+    assert_eq!(
+        delivered(2),
+        before + 1,
+        "node 2 got the broadcast but not the message for alice"
+    );
+}
