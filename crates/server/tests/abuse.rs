@@ -7,16 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{PATIENCE, RawClient, TestServer, connect_stateful};
+use common::{NoLookupStore, PATIENCE, RawClient, TestServer, connect_stateful};
 use futures_util::SinkExt;
 use serde_json::{Value, json};
 use switchboard::HubOptions;
 use switchboard::hub::{Hub, HubContext, HubError};
-use switchboard_core::testkit::ReferenceStore;
-use switchboard_core::{
-    Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Removal, StoreError, UserId,
-    async_trait,
-};
 use switchboard_memory::MemoryStore;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
@@ -507,34 +502,6 @@ async fn a_user_holds_at_most_the_allowed_connections() {
     drop(tab2);
     server.wait_for_connections(2).await;
     let _tab3 = server.connect("ann").await;
-}
-
-/// The memory store, claiming it cannot look users up: the server then delivers to users
-/// through its own per-user index, as with the `groups` strategy.
-#[derive(Debug, Default)]
-struct NoLookupStore(ReferenceStore);
-
-#[async_trait]
-impl ConnectionStore for NoLookupStore {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            lookup: false,
-            leases: false,
-            ..self.0.capabilities()
-        }
-    }
-    async fn add(&self, record: ConnectionRecord) -> Result<(), StoreError> {
-        self.0.add(record).await
-    }
-    async fn remove(&self, user: &UserId, id: &ConnectionId) -> Result<Removal, StoreError> {
-        self.0.remove(user, id).await
-    }
-    async fn reconnect(&self, record: ConnectionRecord) -> Result<(), StoreError> {
-        self.0.reconnect(record).await
-    }
-    async fn counts(&self) -> Result<switchboard_core::Counts, StoreError> {
-        self.0.counts().await
-    }
 }
 
 #[tokio::test]

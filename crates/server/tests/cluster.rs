@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{Partitionable, RawClient, TestServer, eventually};
+use common::{FlakyStore, RawClient, TestServer, chat, eventually, messages, until_completion};
 use serde_json::{Value, json};
 use switchboard::hub::{Hub, HubContext, HubError};
 use switchboard::{HubOptions, chat};
@@ -72,32 +72,6 @@ impl Cluster {
             .filter(|r| *r.node() == on)
             .map(|r| r.id().clone())
             .collect()
-    }
-}
-
-fn chat(text: &str) -> Value {
-    json!({"type": 1, "target": "addChatMessage", "arguments": [text]})
-}
-
-/// The next `n` messages that are not Pings.
-async fn messages(client: &mut RawClient, n: usize) -> Vec<Value> {
-    let mut out = Vec::new();
-    while out.len() < n {
-        out.push(client.next_message().await.expect("a message"));
-    }
-    out
-}
-
-/// Everything but Pings until the Completion of `id`, the Completion included.
-async fn until_completion(client: &mut RawClient, id: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    loop {
-        let message = client.next_message().await.expect("a message");
-        let done = message["type"] == 3 && message["invocationId"] == id;
-        out.push(message);
-        if done {
-            return out;
-        }
     }
 }
 
@@ -299,7 +273,7 @@ async fn a_connection_on_another_node_is_reached_by_its_id() {
 async fn a_crashed_nodes_connections_stop_counting_when_its_lease_expires() {
     let shared: Arc<dyn ConnectionStore> = Arc::new(ReferenceStore::new());
     let bus = MemoryBus::new();
-    let view = Partitionable::new(shared.clone());
+    let view = Arc::new(FlakyStore::over(shared.clone()));
     let one =
         TestServer::start_node(node("n1"), shared.clone(), Some(bus.endpoint()), options()).await;
     let _two =
@@ -314,7 +288,7 @@ async fn a_crashed_nodes_connections_stop_counting_when_its_lease_expires() {
     );
     // Node 2 stops renewing (as a crashed node would). Within its lease, bob is gone from
     // lookups and node 1 reports him offline.
-    view.cut.store(true, Ordering::SeqCst);
+    view.down.store(true, Ordering::SeqCst);
     eventually("bob's record stops counting", || async {
         shared
             .connections(&user("bob"))
@@ -357,47 +331,9 @@ async fn a_backplane_outage_is_reported_to_the_sender_and_in_readiness() {
     assert_eq!(messages(&mut alice, 1).await, [chat("bob: back")]);
 }
 
-/// The reference store, claiming it cannot look users up (as the `groups` strategy): the
-/// nodes then reach users through per-user channels.
-#[derive(Debug, Default)]
-struct NoLookup(ReferenceStore);
-
-#[switchboard_core::async_trait]
-impl ConnectionStore for NoLookup {
-    fn capabilities(&self) -> switchboard_core::Capabilities {
-        switchboard_core::Capabilities {
-            lookup: false,
-            leases: false,
-            ..self.0.capabilities()
-        }
-    }
-    async fn add(
-        &self,
-        record: switchboard_core::ConnectionRecord,
-    ) -> Result<(), switchboard_core::StoreError> {
-        self.0.add(record).await
-    }
-    async fn remove(
-        &self,
-        user: &switchboard_core::UserId,
-        id: &ConnectionId,
-    ) -> Result<switchboard_core::Removal, switchboard_core::StoreError> {
-        self.0.remove(user, id).await
-    }
-    async fn reconnect(
-        &self,
-        record: switchboard_core::ConnectionRecord,
-    ) -> Result<(), switchboard_core::StoreError> {
-        self.0.reconnect(record).await
-    }
-    async fn counts(&self) -> Result<switchboard_core::Counts, switchboard_core::StoreError> {
-        self.0.counts().await
-    }
-}
-
 #[tokio::test]
 async fn without_lookup_users_travel_on_reference_counted_channels() {
-    let store: Arc<dyn ConnectionStore> = Arc::new(NoLookup::default());
+    let store: Arc<dyn ConnectionStore> = Arc::new(common::NoLookupStore::default());
     let bus = MemoryBus::new();
     let mut nodes = Vec::new();
     for i in 1..=3 {

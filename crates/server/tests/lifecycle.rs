@@ -7,25 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{FlakyStore, RawClient, TestServer};
-use serde_json::{Value, json};
+use common::{FlakyStore, TestServer, chat, messages};
+use serde_json::json;
 use switchboard::HubOptions;
 use switchboard::hub::{Hub, HubContext, HubError};
 use switchboard_core::UserId;
 use switchboard_memory::MemoryStore;
-
-/// The next `n` non-ping messages of a client.
-async fn messages(client: &mut RawClient, n: usize) -> Vec<Value> {
-    let mut out = Vec::new();
-    while out.len() < n {
-        out.push(client.next_message().await.expect("a message"));
-    }
-    out
-}
-
-fn chat(text: &str) -> Value {
-    json!({"type": 1, "target": "addChatMessage", "arguments": [text]})
-}
 
 #[tokio::test]
 async fn a_message_reaches_every_connection_of_the_user_exactly_once() {

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{FlakyStore, PATIENCE, Partitionable, RawClient, TestServer, eventually};
-use serde_json::{Value, json};
+use common::{FlakyStore, TestServer, eventually, until_completion};
+use serde_json::json;
 use switchboard::auth::{Authenticator, JwtConfig};
 use switchboard::{HubOptions, HubService, StartError, chat};
 use switchboard_core::ConnectionStore;
@@ -33,19 +33,6 @@ async fn ids_of(store: &dyn ConnectionStore, name: &str) -> Vec<String> {
     ids
 }
 
-/// Everything but the Pings a client receives until the Completion of `id`.
-async fn until_completion(client: &mut RawClient, id: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    loop {
-        let message = client.next_message().await.expect("a message");
-        let done = message["type"] == 3 && message["invocationId"] == id;
-        out.push(message);
-        if done {
-            return out;
-        }
-    }
-}
-
 #[tokio::test]
 async fn connections_are_refused_until_the_hub_started() {
     let auth = Authenticator::new(JwtConfig::new(common::SECRET).expect("strong secret"));
@@ -58,11 +45,16 @@ async fn connections_are_refused_until_the_hub_started() {
     let addr = listener.local_addr().expect("address");
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     let token = auth.issue(&user("ann"), Duration::from_secs(60));
+    let auth_header = format!("Bearer {token}");
     let negotiate = || async {
-        post_with_token(
-            addr,
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        common::http_request(
+            stream,
+            &addr.to_string(),
+            "POST",
             &format!("{}/negotiate?negotiateVersion=1", chat::PATH),
-            &token,
+            &[("authorization", &auth_header)],
+            "",
         )
         .await
     };
@@ -79,30 +71,6 @@ async fn connections_are_refused_until_the_hub_started() {
         "a second start is refused"
     );
     server.abort();
-}
-
-/// A minimal HTTP/1.1 POST with a bearer token; returns status and body.
-async fn post_with_token(addr: std::net::SocketAddr, path: &str, token: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n\
-         Content-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut response = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
-        .await
-        .expect("an answer in time")
-        .expect("read");
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status line");
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-    (status, body)
 }
 
 #[tokio::test]
@@ -189,7 +157,7 @@ async fn a_failed_removal_is_retried_until_it_succeeds() {
 #[tokio::test]
 async fn a_node_whose_lease_lapsed_records_its_connections_again() {
     let shared: Arc<dyn ConnectionStore> = Arc::new(ReferenceStore::new());
-    let view = Partitionable::new(shared.clone());
+    let view = Arc::new(FlakyStore::over(shared.clone()));
     let one = TestServer::start_node(node("n1"), view.clone(), None, short_lease()).await;
     let _two = TestServer::start_node(node("n2"), shared.clone(), None, short_lease()).await;
     let _alice = one.connect("alice").await;
@@ -197,7 +165,7 @@ async fn a_node_whose_lease_lapsed_records_its_connections_again() {
     assert_eq!(original.len(), 1);
     // Node 1 loses the store for longer than its lease: its record stops counting at once,
     // and node 2 sweeps it.
-    view.cut.store(true, Ordering::SeqCst);
+    view.down.store(true, Ordering::SeqCst);
     eventually("node 1's record is ignored and swept", || async {
         ids_of(&*shared, "alice").await.is_empty()
     })
@@ -207,7 +175,7 @@ async fn a_node_whose_lease_lapsed_records_its_connections_again() {
     })
     .await;
     // The store comes back: node 1 finds its lease gone and records alice again.
-    view.cut.store(false, Ordering::SeqCst);
+    view.down.store(false, Ordering::SeqCst);
     eventually("node 1 recorded alice again", || async {
         ids_of(&*shared, "alice").await.len() == 1
     })

@@ -18,9 +18,10 @@ use switchboard::auth::{Authenticator, JwtConfig};
 use switchboard::http::HttpLimits;
 use switchboard::hub::Hub;
 use switchboard::{HubOptions, HubService, chat};
+use switchboard_core::testkit::ReferenceStore;
 use switchboard_core::{
-    Backplane, Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, Lease,
-    NodeId, PageRequest, Removal, StoreError, UserId, UserPage, async_trait,
+    Backplane, Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, NodeId,
+    PageRequest, Removal, StoreError, UserId, UserPage, async_trait,
 };
 use switchboard_memory::MemoryStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -329,39 +330,13 @@ impl TestServer {
 
     async fn http_over(
         &self,
-        mut stream: TcpStream,
+        stream: TcpStream,
         method: &str,
         path: &str,
         headers: &[(&str, &str)],
         body: &str,
     ) -> (u16, String) {
-        let mut request = format!(
-            "{method} {path} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\ncontent-length: {}\r\n",
-            self.addr,
-            body.len()
-        );
-        for (name, value) in headers {
-            request.push_str(&format!("{name}: {value}\r\n"));
-        }
-        request.push_str("\r\n");
-        request.push_str(body);
-        stream.write_all(request.as_bytes()).await.expect("write");
-        let mut response = Vec::new();
-        tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
-            .await
-            .expect("HTTP response in time")
-            .expect("read");
-        let text = String::from_utf8_lossy(&response).into_owned();
-        let status = text
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("status line");
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (status, body)
+        http_request(stream, &self.addr.to_string(), method, path, headers, body).await
     }
 
     /// Negotiates (version 1) as `user`; returns the JSON answer.
@@ -400,6 +375,44 @@ impl Drop for TestServer {
             task.abort();
         }
     }
+}
+
+/// Sends a plain HTTP/1.1 request on `stream` (closing after it); returns status and body.
+pub async fn http_request(
+    mut stream: TcpStream,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        host,
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut response))
+        .await
+        .expect("HTTP response in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// One frame as the client saw it.
@@ -573,11 +586,12 @@ pub async fn attach(server: &TestServer, user: &str, token: &str) -> RawClient {
         .expect("attach")
 }
 
-/// A memory store that can be switched off, like a database that went away, or made slow to
-/// record connections, like one across a network.
-#[derive(Debug, Default)]
+/// A store that can be switched off, like a database that went away (or a node cut off from
+/// a shared one), or made slow to record connections, like one across a network. By default
+/// it wraps a memory store of its own; [`FlakyStore::over`] puts it in front of a shared one.
+#[derive(Debug)]
 pub struct FlakyStore {
-    pub inner: MemoryStore,
+    pub inner: Arc<dyn ConnectionStore>,
     pub down: AtomicBool,
     pub slow_adds: AtomicBool,
     /// Every call waits forever, like a database that stopped answering.
@@ -588,7 +602,25 @@ pub struct FlakyStore {
     pub broken: AtomicBool,
 }
 
+impl Default for FlakyStore {
+    fn default() -> Self {
+        Self::over(Arc::new(MemoryStore::new()))
+    }
+}
+
 impl FlakyStore {
+    /// In front of `inner`, all switches off.
+    pub fn over(inner: Arc<dyn ConnectionStore>) -> Self {
+        Self {
+            inner,
+            down: AtomicBool::new(false),
+            slow_adds: AtomicBool::new(false),
+            hung: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
+        }
+    }
+
     async fn check(&self) -> Result<(), StoreError> {
         if self.hung.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
@@ -633,7 +665,12 @@ impl ConnectionStore for FlakyStore {
         self.check().await?;
         self.inner.connections(user).await
     }
-    async fn counts(&self) -> Result<switchboard_core::Counts, StoreError> {
+    async fn users(&self, page: PageRequest) -> Result<UserPage, StoreError> {
+        self.check().await?;
+        self.inner.users(page).await
+    }
+    /// Answers even while down, so tests can watch the store.
+    async fn counts(&self) -> Result<Counts, StoreError> {
         self.inner.counts().await
     }
     async fn heartbeat(
@@ -670,72 +707,59 @@ where
     }
 }
 
-/// One node's view of a shared store, which the test can cut off (a network partition
-/// between this node and the store).
-#[derive(Debug)]
-pub struct Partitionable {
-    inner: Arc<dyn ConnectionStore>,
-    pub cut: AtomicBool,
+/// The next `n` messages of a client that are not Pings.
+pub async fn messages(client: &mut RawClient, n: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        out.push(client.next_message().await.expect("a message"));
+    }
+    out
 }
 
-impl Partitionable {
-    pub fn new(inner: Arc<dyn ConnectionStore>) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
-            cut: AtomicBool::new(false),
-        })
-    }
-
-    fn check(&self) -> Result<(), StoreError> {
-        if self.cut.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable {
-                message: "partitioned".into(),
-                source: None,
-            });
+/// Everything but Pings a client receives until the Completion of `id`, that Completion
+/// included.
+pub async fn until_completion(client: &mut RawClient, id: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    loop {
+        let message = client.next_message().await.expect("a message");
+        let done = message["type"] == 3 && message["invocationId"] == id;
+        out.push(message);
+        if done {
+            return out;
         }
-        Ok(())
     }
 }
+
+/// The `addChatMessage` invocation a chat client receives for `text`.
+pub fn chat(text: &str) -> Value {
+    serde_json::json!({"type": 1, "target": "addChatMessage", "arguments": [text]})
+}
+
+/// The reference store, claiming it cannot look users up (and has no leases), as the `groups`
+/// strategy: the server then delivers to users through its per-user index and, with a
+/// backplane, through per-user channels.
+#[derive(Debug, Default)]
+pub struct NoLookupStore(pub ReferenceStore);
 
 #[async_trait]
-impl ConnectionStore for Partitionable {
+impl ConnectionStore for NoLookupStore {
     fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
+        Capabilities {
+            lookup: false,
+            leases: false,
+            ..self.0.capabilities()
+        }
     }
     async fn add(&self, record: ConnectionRecord) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.add(record).await
+        self.0.add(record).await
     }
     async fn remove(&self, user: &UserId, id: &ConnectionId) -> Result<Removal, StoreError> {
-        self.check()?;
-        self.inner.remove(user, id).await
+        self.0.remove(user, id).await
     }
     async fn reconnect(&self, record: ConnectionRecord) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.reconnect(record).await
+        self.0.reconnect(record).await
     }
-    async fn connections(&self, user: &UserId) -> Result<Vec<ConnectionRecord>, StoreError> {
-        self.check()?;
-        self.inner.connections(user).await
-    }
-    async fn users(&self, page: PageRequest) -> Result<UserPage, StoreError> {
-        self.check()?;
-        self.inner.users(page).await
-    }
-    async fn counts(&self) -> Result<Counts, StoreError> {
-        self.check()?;
-        self.inner.counts().await
-    }
-    async fn heartbeat(&self, node: &NodeId, ttl: Duration) -> Result<Lease, StoreError> {
-        self.check()?;
-        self.inner.heartbeat(node, ttl).await
-    }
-    async fn sweep(&self) -> Result<u64, StoreError> {
-        self.check()?;
-        self.inner.sweep().await
-    }
-    async fn release(&self, node: &NodeId) -> Result<u64, StoreError> {
-        self.check()?;
-        self.inner.release(node).await
+    async fn counts(&self) -> Result<switchboard_core::Counts, StoreError> {
+        self.0.counts().await
     }
 }
