@@ -122,16 +122,7 @@ impl TestServer {
         backplane: Option<Arc<dyn Backplane>>,
         options: HubOptions,
     ) -> Self {
-        Self::start_any(
-            chat::hub(),
-            store,
-            options,
-            HttpLimits::default(),
-            None,
-            Some(node),
-            backplane,
-        )
-        .await
+        Self::start_node_with(chat::hub(), node, store, backplane, options).await
     }
 
     async fn start_inner(
