@@ -226,6 +226,12 @@ impl HubService {
             backplane.start(&router.node, router.inbox()).await?;
             if backplane.capabilities().channels {
                 backplane.subscribe(&Address::All).await?;
+            } else {
+                tracing::warn!(
+                    backplane = backplane.capabilities().name,
+                    "the backplane carries no channels: groups and broadcasts reach this node's \
+                     connections only, and so do users under a store without lookup"
+                );
             }
         } else if router.capabilities.shared_across_nodes {
             tracing::warn!(
