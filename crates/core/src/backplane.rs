@@ -375,6 +375,33 @@ pub struct BackplaneCapabilities {
     /// [`Backplane::subscribe`] and channel addresses ([`Address::User`], [`Address::Group`],
     /// [`Address::All`]) are supported.
     pub channels: bool,
+    /// [`Backplane::publish`] reports how many nodes a message was handed to
+    /// ([`Reach::nodes`] is `Some`).
+    pub reach: bool,
+}
+
+/// How far a published message got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reach {
+    /// How many nodes the message was handed to (for a channel: the nodes subscribed to it
+    /// when it was published; for a node: 1 if that node is known to be running, else 0), or
+    /// `None` when the backplane cannot tell.
+    pub nodes: Option<u64>,
+}
+
+impl Reach {
+    /// A publication whose reach this backplane cannot tell.
+    pub const UNKNOWN: Self = Self { nodes: None };
+
+    /// A publication handed to `nodes` nodes.
+    pub fn nodes(nodes: u64) -> Self {
+        Self { nodes: Some(nodes) }
+    }
+
+    /// Whether the message is known to have reached no node at all.
+    pub fn nobody(&self) -> bool {
+        self.nodes == Some(0)
+    }
 }
 
 /// Everything that can go wrong on a backplane. Shaped like
@@ -505,7 +532,7 @@ pub trait Backplane: Send + Sync + fmt::Debug + 'static {
     ///
     /// [`BackplaneError::TooLarge`] past the payload limit; [`BackplaneError::Unsupported`]
     /// for an address kind the capabilities exclude; link failures.
-    async fn publish(&self, message: &Message) -> Result<(), BackplaneError>;
+    async fn publish(&self, message: &Message) -> Result<Reach, BackplaneError>;
 
     /// Subscribes this node to a channel address ([`Address::User`], [`Address::Group`] or
     /// [`Address::All`]). Idempotent.

@@ -70,7 +70,7 @@ pub mod testkit;
 
 pub use backplane::{
     Address, Backplane, BackplaneCapabilities, BackplaneError, ChannelNames, DeliveryClass, Health,
-    Inbox, Message, MessageId,
+    Inbox, Message, MessageId, Reach,
 };
 pub use capabilities::{Capabilities, OrphanCleanup, Speed, UserListing};
 pub use error::{BoxError, StoreError};

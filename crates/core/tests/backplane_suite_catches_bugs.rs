@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use switchboard_core::testkit::{BackplaneHarness, MemoryBus, backplane_cases as cases};
 use switchboard_core::{
     Address, Backplane, BackplaneCapabilities, BackplaneError, Health, Inbox, Message, NodeId,
-    async_trait,
+    Reach, async_trait,
 };
 
 /// One deliberate bug each.
@@ -32,6 +32,8 @@ enum Bug {
     ConfusesUsersAndGroups,
     /// `stop` returns without stopping anything.
     IgnoresStop,
+    /// `publish` says a message reached one node, whoever was subscribed.
+    MiscountsReach,
 }
 
 /// The channel a backplane with [`Bug::ConfusesUsersAndGroups`] uses for `address`.
@@ -92,8 +94,12 @@ impl Backplane for Buggy {
         self.inner.start(node, inbox).await
     }
 
-    async fn publish(&self, message: &Message) -> Result<(), BackplaneError> {
+    async fn publish(&self, message: &Message) -> Result<Reach, BackplaneError> {
         match self.bug {
+            Bug::MiscountsReach => {
+                self.inner.publish(message).await?;
+                Ok(Reach::nodes(1))
+            }
             Bug::DeliversNodeMessagesEverywhere if matches!(message.to, Address::Node(_)) => {
                 let nodes = self.nodes.lock().expect("lock").clone();
                 for node in nodes {
@@ -101,7 +107,7 @@ impl Backplane for Buggy {
                     copy.to = Address::Node(node);
                     self.inner.publish(&copy).await?;
                 }
-                Ok(())
+                Ok(Reach::UNKNOWN)
             }
             Bug::Reorders => {
                 let n = self.published.fetch_add(1, Ordering::SeqCst);
@@ -115,16 +121,16 @@ impl Backplane for Buggy {
                         }
                         None if n % 7 == 3 => {
                             *held = Some(message.clone());
-                            return Ok(());
+                            return Ok(Reach::UNKNOWN);
                         }
                         None => None,
                     }
                 };
-                self.inner.publish(message).await?;
-                match release {
-                    Some(first) => self.inner.publish(&first).await,
-                    None => Ok(()),
+                let reach = self.inner.publish(message).await?;
+                if let Some(first) = release {
+                    self.inner.publish(&first).await?;
                 }
+                Ok(reach)
             }
             Bug::ConfusesUsersAndGroups => {
                 let mut message = message.clone();
@@ -236,6 +242,11 @@ catches!(
     hostile_names_do_not_cross_talk
 );
 catches!(
+    a_backplane_that_miscounts_its_reach_fails,
+    Bug::MiscountsReach,
+    publish_reports_its_reach_as_claimed
+);
+catches!(
     a_backplane_that_ignores_stop_fails,
     Bug::IgnoresStop,
     nothing_arrives_after_stop
@@ -252,4 +263,5 @@ async fn the_wrappers_without_a_bug_pass() {
     cases::every_field_round_trips(&harness).await;
     cases::hostile_names_do_not_cross_talk(&harness).await;
     cases::nothing_arrives_after_stop(&harness).await;
+    cases::publish_reports_its_reach_as_claimed(&harness).await;
 }

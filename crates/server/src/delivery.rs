@@ -64,8 +64,9 @@ pub struct Delivery {
     /// Connections on other nodes the message was handed to the backplane for.
     pub forwarded: Forwarded,
     /// The message was published on a channel (a group, everyone, or a user under a store
-    /// that cannot look users up): members on other nodes get it, in numbers this node does
-    /// not know.
+    /// that cannot look users up) that at least one node listens to, or whose listeners the
+    /// backplane cannot count: members on other nodes get it, in numbers this node does not
+    /// know.
     pub published: bool,
     /// Connections on other nodes the message could not be handed to: no backplane is
     /// configured, or it failed. Those connections exist but did not get the message.
@@ -313,7 +314,10 @@ impl Router {
             Bytes::from(record.clone()),
         );
         match backplane.publish(&message).await {
-            Ok(()) => {
+            // The backplane knows the node is not running (it crashed and its lease has not
+            // run out yet): its connections cannot be reached.
+            Ok(reach) if reach.nobody() => report.unreachable += count,
+            Ok(_) => {
                 report.forwarded.nodes += 1;
                 report.forwarded.connections += count;
             }
@@ -336,7 +340,8 @@ impl Router {
             Bytes::from(record.clone()),
         );
         match backplane.publish(&message).await {
-            Ok(()) => report.published = true,
+            // Published to nobody: no node holds a member (as far as the backplane knows).
+            Ok(reach) => report.published |= !reach.nobody(),
             Err(e) => {
                 report.publish_failed = true;
                 unreachable_warning(&e, &message.to);

@@ -26,6 +26,7 @@ use crate::backplane::{
     Address, Backplane, BackplaneCapabilities, BackplaneError, Health, Inbox, Message, MessageId,
     Ordering,
 };
+use crate::backplane::Reach;
 use crate::id::{ConnectionId, NodeId};
 
 /// The bound on every backplane call and every wait for a message.
@@ -305,20 +306,20 @@ impl Cluster<'_> {
         Address::Node(self.nodes[i].clone())
     }
 
-    async fn try_publish(&self, from: usize, message: &Message) -> Result<(), BackplaneError> {
+    async fn try_publish(&self, from: usize, message: &Message) -> Result<Reach, BackplaneError> {
         bounded("publish", self.planes[from].publish(message)).await
     }
 
-    async fn publish(&self, from: usize, message: &Message) {
+    async fn publish(&self, from: usize, message: &Message) -> Reach {
         self.try_publish(from, message)
             .await
-            .unwrap_or_else(|e| panic!("publish of {} failed: {e}", describe(message)));
+            .unwrap_or_else(|e| panic!("publish of {} failed: {e}", describe(message)))
     }
 
     /// Publishes a new message from `from` and returns it.
     async fn send(&self, from: usize, to: Address, payload: impl Into<Bytes>) -> Message {
         let message = self.message(from, to, Vec::new(), payload);
-        self.publish(from, &message).await;
+        let _reach = self.publish(from, &message).await;
         message
     }
 
@@ -717,7 +718,7 @@ pub async fn unsupported_addresses_match_capabilities(harness: &dyn BackplaneHar
         let message = cluster.message(0, target.clone(), Vec::new(), "x");
         expect_unsupported(
             "publishing to a node without node_addressed",
-            cluster.try_publish(0, &message).await,
+            cluster.try_publish(0, &message).await.map(|_| ()),
         );
     }
     let room = Address::Group(Arc::from("room"));
@@ -733,7 +734,7 @@ pub async fn unsupported_addresses_match_capabilities(harness: &dyn BackplaneHar
             let message = cluster.message(0, to, Vec::new(), "x");
             expect_unsupported(
                 "publishing to a channel without channels",
-                cluster.try_publish(0, &message).await,
+                cluster.try_publish(0, &message).await.map(|_| ()),
             );
         }
     }
@@ -748,10 +749,12 @@ pub async fn an_unreachable_backplane_fails_transiently(harness: &dyn BackplaneH
     };
     let caps = plane.capabilities();
     let me = node(&format!("{}-lost", unique_namespace()));
-    let expect_transient = |what: &str, result: Result<(), BackplaneError>| match result {
-        Err(e) => assert!(e.is_transient(), "{what} failed, but not transiently: {e}"),
-        Ok(()) => panic!("{what} succeeded on an unreachable backplane"),
-    };
+    fn expect_transient<T>(what: &str, result: Result<T, BackplaneError>) {
+        match result {
+            Err(e) => assert!(e.is_transient(), "{what} failed, but not transiently: {e}"),
+            Ok(_) => panic!("{what} succeeded on an unreachable backplane"),
+        }
+    }
     let inbox = Arc::new(Recorder::new(me.clone(), Duration::ZERO));
     let started = within("start", plane.start(&me, inbox)).await;
     match started {
@@ -792,6 +795,47 @@ async fn within<T>(what: &str, call: impl Future<Output = T>) -> T {
     timeout(UNREACHABLE_BOUND, call).await.unwrap_or_else(|_| {
         panic!("{what} on an unreachable backplane took more than {UNREACHABLE_BOUND:?}")
     })
+}
+
+/// A backplane that claims [`BackplaneCapabilities::reach`] says how many nodes each message
+/// was handed to: every subscriber of a channel, none for a channel nobody subscribes to, one
+/// for a running node. One that does not claim it answers `None`.
+pub async fn publish_reports_its_reach_as_claimed(harness: &dyn BackplaneHarness) {
+    let cluster = cluster(harness, 3).await;
+    let room = Address::Group(Arc::from("reach-room"));
+    let empty = Address::Group(Arc::from("reach-empty"));
+    let mut expected: Vec<(Message, u64)> = Vec::new();
+    if cluster.caps.channels {
+        cluster.subscribe(1, &room).await;
+        cluster.subscribe(2, &room).await;
+        expected.push((cluster.message(0, room.clone(), Vec::new(), "to two"), 2));
+        expected.push((cluster.message(0, empty.clone(), Vec::new(), "to none"), 0));
+    }
+    if cluster.caps.node_addressed {
+        expected.push((cluster.message(0, cluster.to_node(1), Vec::new(), "to one"), 1));
+    }
+    for (message, nodes) in &expected {
+        let reach = cluster.publish(0, message).await;
+        if cluster.caps.reach {
+            assert_eq!(
+                reach.nodes,
+                Some(*nodes),
+                "the reach of {} (capabilities claim reach)",
+                describe(message)
+            );
+        } else {
+            assert_eq!(reach.nodes, None, "reach claimed unknown, yet a count came back");
+        }
+    }
+    if cluster.caps.channels {
+        cluster.unsubscribe(2, &room).await;
+        let message = cluster.message(0, room.clone(), Vec::new(), "to one left");
+        let reach = cluster.publish(0, &message).await;
+        if cluster.caps.reach {
+            assert_eq!(reach.nodes, Some(1), "after one subscriber left");
+        }
+    }
+    cluster.stop().await;
 }
 
 /// Once [`Backplane::stop`] returns, nothing more reaches that node's inbox, even with

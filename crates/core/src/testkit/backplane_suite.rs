@@ -205,6 +205,7 @@ macro_rules! backplane_conformance_tests {
             unsupported_addresses_match_capabilities,
             an_unreachable_backplane_fails_transiently,
             nothing_arrives_after_stop,
+            publish_reports_its_reach_as_claimed,
         }
     };
     (@tests [$harness:expr] $($case:ident),* $(,)?) => {$(

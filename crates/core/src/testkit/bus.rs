@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 
 use crate::backplane::{
     Address, Backplane, BackplaneCapabilities, BackplaneError, DeliveryClass, Health, Inbox,
-    Message, Ordering,
+    Message, Ordering, Reach,
 };
 use crate::id::NodeId;
 
@@ -303,6 +303,7 @@ impl Backplane for MemoryEndpoint {
             max_payload: self.shared.max_payload,
             node_addressed: true,
             channels: true,
+            reach: true,
         }
     }
 
@@ -345,7 +346,7 @@ impl Backplane for MemoryEndpoint {
         Ok(())
     }
 
-    async fn publish(&self, message: &Message) -> Result<(), BackplaneError> {
+    async fn publish(&self, message: &Message) -> Result<Reach, BackplaneError> {
         self.shared.check_up("publish")?;
         self.node("publish")?;
         let max = self.shared.max_payload;
@@ -358,23 +359,26 @@ impl Backplane for MemoryEndpoint {
         let encoded = message.encode();
         let state = self.shared.state();
         // Sending under the lock puts every queue in the same publish order.
+        let mut reached = 0;
         match &message.to {
             Address::Node(target) => {
                 if let Some(registration) = state.nodes.get(target) {
                     // A closed queue is a node stopping: the message is lost, as promised.
                     let _ = registration.queue.send(encoded);
+                    reached = 1;
                 }
             }
             channel => {
                 for registration in state.nodes.values() {
                     if registration.subscriptions.contains(channel) {
                         let _ = registration.queue.send(encoded.clone());
+                        reached += 1;
                     }
                 }
             }
         }
         self.shared.published.fetch_add(1, AtomicOrdering::SeqCst);
-        Ok(())
+        Ok(Reach::nodes(reached))
     }
 
     async fn subscribe(&self, address: &Address) -> Result<(), BackplaneError> {
@@ -531,7 +535,9 @@ mod tests {
         assert!(matches!(a.health(), Health::Down(_)));
         let group = Address::Group(Arc::from("g"));
         for err in [
-            a.publish(&message(4, Address::Node(node("b")), b"x")).await,
+            a.publish(&message(4, Address::Node(node("b")), b"x"))
+                .await
+                .map(|_| ()),
             a.subscribe(&group).await,
             a.unsubscribe(&group).await,
         ] {
