@@ -81,6 +81,7 @@ impl ConnectionStore for GlobalMutexStore {
         Capabilities {
             strategy: "global-mutex",
             shared_across_nodes: false,
+            spans_nodes_with_backplane: false,
             lookup: true,
             list_users: UserListing::FullScan,
             survives_restart: false,

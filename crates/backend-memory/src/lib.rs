@@ -96,6 +96,7 @@ impl MemoryStore {
     pub const CAPABILITIES: Capabilities = Capabilities {
         strategy: "memory",
         shared_across_nodes: false,
+        spans_nodes_with_backplane: false,
         lookup: true,
         list_users: UserListing::FullScan,
         survives_restart: false,

@@ -59,6 +59,13 @@ pub struct Capabilities {
     /// opened on the same data (a database, a table) by different processes see the same
     /// records. When `false`, every instance holds its own records.
     pub shared_across_nodes: bool,
+    /// Several nodes serve users together when a backplane connects them, although every
+    /// instance holds its own records: the group-per-user strategy, where a message to a user
+    /// travels on the user's channel to every node holding one of the user's connections.
+    /// Never together with `shared_across_nodes` or `lookup`. A server refuses a backplane
+    /// for a store that neither shares its records nor spans nodes this way (the in-memory
+    /// map: other nodes' users would never be found).
+    pub spans_nodes_with_backplane: bool,
     /// [`connections`](crate::ConnectionStore::connections) answers for a user. When `false`,
     /// it returns `Unsupported` and the server delivers to users through per-user groups.
     pub lookup: bool,
@@ -95,6 +102,11 @@ impl Capabilities {
         self.leases
     }
 
+    /// Whether several nodes can serve users together with this store (given a backplane).
+    pub fn spans_nodes(&self) -> bool {
+        self.shared_across_nodes || self.spans_nodes_with_backplane
+    }
+
     /// Renders a Markdown table with one row per store, the columns of the classic comparison.
     pub fn markdown_table(stores: &[Capabilities]) -> String {
         let mut out = String::from(
@@ -103,6 +115,13 @@ impl Capabilities {
         );
         for c in stores {
             let yes_no = |b: bool| if b { "yes" } else { "no" };
+            let servers = if c.shared_across_nodes {
+                "yes"
+            } else if c.spans_nodes_with_backplane {
+                "yes (with a backplane)"
+            } else {
+                "no"
+            };
             let listing = match c.list_users {
                 UserListing::Unsupported => "no",
                 UserListing::FullScan => "yes (full scan per page)",
@@ -120,7 +139,7 @@ impl Capabilities {
                 out,
                 "| `{}` | {} | {} | {} | {} | {} | {} |",
                 c.strategy,
-                yes_no(c.shared_across_nodes),
+                servers,
                 yes_no(c.lookup),
                 listing,
                 yes_no(c.survives_restart),

@@ -27,6 +27,7 @@ use switchboard_core::{
     Message, MessageId, NodeId, StoreError, UserId,
 };
 
+use crate::dedupe::{Seen, Verdict};
 use crate::registry::{Fanout, Registry};
 use crate::subscriptions::Subscriptions;
 use crate::throttle::Throttle;
@@ -136,6 +137,8 @@ pub(crate) struct Router {
     pub(crate) subscriptions: Subscriptions,
     /// Sequence number of the last message this node published.
     seq: AtomicU64,
+    /// Recent messages from other nodes, to drop repeats.
+    seen: Seen,
 }
 
 impl Router {
@@ -154,6 +157,7 @@ impl Router {
             backplane,
             subscriptions: Subscriptions::default(),
             seq: AtomicU64::new(0),
+            seen: Seen::default(),
         }
     }
 
@@ -229,6 +233,20 @@ impl Router {
             // A channel publication of this node coming back: its local members were served
             // in-process when it was sent.
             return;
+        }
+        match self.seen.check(&message.id) {
+            Verdict::New => {}
+            Verdict::Repeat => return,
+            Verdict::TooOld => {
+                if let Some(suppressed) = BAD_MESSAGE.allow() {
+                    tracing::debug!(
+                        origin = %message.id.origin,
+                        seq = message.id.seq,
+                        suppressed,
+                        "a message from another node arrived too late to check for a repeat; delivering it"
+                    );
+                }
+            }
         }
         let record = match Utf8Bytes::try_from(message.payload) {
             Ok(record) => record,

@@ -55,6 +55,7 @@ pub mod auth;
 pub mod chat;
 pub mod config;
 mod deadline;
+mod dedupe;
 mod delivery;
 pub mod http;
 pub mod hub;

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use switchboard::app::{self, AppOptions};
 use switchboard::auth::{Authenticator, JwtConfig};
 use switchboard::http::{self, HttpLimits};
-use switchboard::stores::{self, BackplaneKind, StoreKind};
+use switchboard::stores::{self, BackplaneKind, BackplaneSettings, StoreKind};
 use switchboard::{HubOptions, HubService, chat};
 use switchboard_core::Capabilities;
 use tracing_subscriber::EnvFilter;
@@ -74,6 +74,30 @@ struct ServeArgs {
     /// How messages reach connections on other nodes.
     #[arg(long, env = "SWITCHBOARD_BACKPLANE", value_enum, default_value_t = BackplaneKind::None)]
     backplane: BackplaneKind,
+    /// Redis for `--backplane redis`: redis://host:port, redis://user:password@host:port/db,
+    /// or rediss:// for TLS.
+    #[arg(long, env = "SWITCHBOARD_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// Prefix of every backplane channel and key (one per deployment sharing a broker).
+    #[arg(long, env = "SWITCHBOARD_BACKPLANE_PREFIX", default_value = switchboard_core::ChannelNames::DEFAULT_PREFIX)]
+    backplane_prefix: String,
+    /// Largest message the backplane carries to another node, in bytes.
+    #[arg(long, env = "SWITCHBOARD_BACKPLANE_MAX_PAYLOAD", default_value_t = 1 << 20)]
+    backplane_max_payload: usize,
+    /// Messages for other nodes that may wait while the broker is unreachable.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_BACKPLANE_BUFFER_MESSAGES",
+        default_value_t = 10_000
+    )]
+    backplane_buffer_messages: usize,
+    /// Bytes of messages for other nodes that may wait while the broker is unreachable.
+    #[arg(long, env = "SWITCHBOARD_BACKPLANE_BUFFER_BYTES", default_value_t = 16 << 20)]
+    backplane_buffer_bytes: usize,
+    /// Seconds a message for other nodes may wait for the broker; then its sender is told it
+    /// could not be delivered.
+    #[arg(long, env = "SWITCHBOARD_BACKPLANE_BUFFER_AGE", default_value_t = 5.0)]
+    backplane_buffer_age: f64,
     /// Directory with the SignalR browser client, served under /vendor/.
     #[arg(
         long,
@@ -236,6 +260,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("{banner}");
     }
     let store = stores::open(args.store).await?;
+    if args.backplane != BackplaneKind::None && !store.capabilities().spans_nodes() {
+        bail!(
+            "--store {} keeps each server's connections to itself: with --backplane {}, other \
+             servers' users would never be found. Use a store that spans servers ({}), or no \
+             backplane.",
+            args.store,
+            args.backplane,
+            stores::spanning_strategies()
+        );
+    }
     let node = switchboard::service::fresh_node_id(&args.node_id)
         .context("invalid --node-id prefix (use at most 55 characters from A-Z a-z 0-9 - . _ ~)")?;
     let options = HubOptions::default()
@@ -257,7 +291,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut builder = HubService::builder(chat::hub(), store, auth.clone())
         .node(node.clone())
         .options(options);
-    if let Some(backplane) = stores::open_backplane(args.backplane).await? {
+    let settings = BackplaneSettings {
+        redis_url: args.redis_url.clone(),
+        prefix: args.backplane_prefix.clone(),
+        max_payload: args.backplane_max_payload,
+        buffer_messages: args.backplane_buffer_messages,
+        buffer_bytes: args.backplane_buffer_bytes,
+        buffer_age: seconds(args.backplane_buffer_age, "--backplane-buffer-age")?,
+        presence_ttl: Duration::from_secs(args.node_lease),
+    };
+    if let Some(backplane) = stores::open_backplane(args.backplane, &settings).await? {
         builder = builder.backplane(backplane);
     }
     let hub = builder.build();

@@ -131,6 +131,13 @@ pub enum StartError {
     /// `start` was called before.
     #[error("the hub service was started already")]
     AlreadyStarted,
+    /// A backplane was given with a store whose records stay on their node and that does not
+    /// span nodes either (the in-memory map): other nodes' users could never be found.
+    #[error(
+        "the `{0}` store keeps each server's connections to itself, so a backplane cannot make \
+         several servers serve users together: use a store that spans servers"
+    )]
+    NodeLocalStore(&'static str),
 }
 
 /// Whether a node is ready to serve, and if not, why.
@@ -209,6 +216,9 @@ impl HubService {
             return Err(StartError::AlreadyStarted);
         }
         let router = &self.shared.router;
+        if router.backplane.is_some() && !router.capabilities.spans_nodes() {
+            return Err(StartError::NodeLocalStore(router.capabilities.strategy));
+        }
         if router.capabilities.has_leases() {
             // Sweep first: a crashed predecessor's expired lease must not pass for ours.
             let _ = router.store.sweep().await?;

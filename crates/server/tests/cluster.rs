@@ -35,7 +35,8 @@ impl Cluster {
     }
 
     async fn start_with(n: usize, hub: fn() -> Hub) -> Self {
-        let store: Arc<dyn ConnectionStore> = Arc::new(ReferenceStore::new());
+        let store: Arc<dyn ConnectionStore> =
+            Arc::new(FlakyStore::shared(Arc::new(ReferenceStore::new())));
         let bus = MemoryBus::new();
         let mut nodes = Vec::new();
         for i in 1..=n {
@@ -271,7 +272,8 @@ async fn a_connection_on_another_node_is_reached_by_its_id() {
 
 #[tokio::test]
 async fn a_crashed_nodes_connections_stop_counting_when_its_lease_expires() {
-    let shared: Arc<dyn ConnectionStore> = Arc::new(ReferenceStore::new());
+    let shared: Arc<dyn ConnectionStore> =
+        Arc::new(FlakyStore::shared(Arc::new(ReferenceStore::new())));
     let bus = MemoryBus::new();
     let view = Arc::new(FlakyStore::over(shared.clone()));
     let one =
@@ -396,4 +398,113 @@ async fn without_lookup_users_travel_on_reference_counted_channels() {
         before + 1,
         "node 2 got the broadcast but not the message for alice"
     );
+    // Nobody anywhere listens on dave's channel: the backplane says so, and bob is told.
+    let _ = until_completion(&mut bob, "x").await;
+    send_chat(&mut bob, "c", "dave", "hello?").await;
+    let got = until_completion(&mut bob, "c").await;
+    assert!(
+        got.contains(&json!({"type": 1, "target": "showErrorMessage", "arguments": ["The user 'dave' is not connected."]})),
+        "{got:?}"
+    );
+}
+
+/// A memory bus endpoint that hands every message to its node twice, as a backplane that
+/// retried a publish whose answer was lost would.
+#[derive(Debug)]
+struct Twice(Arc<dyn switchboard_core::Backplane>);
+
+struct TwiceInbox(Arc<dyn switchboard_core::Inbox>);
+
+#[switchboard_core::async_trait]
+impl switchboard_core::Inbox for TwiceInbox {
+    async fn receive(&self, message: switchboard_core::Message) {
+        self.0.receive(message.clone()).await;
+        self.0.receive(message).await;
+    }
+}
+
+#[switchboard_core::async_trait]
+impl switchboard_core::Backplane for Twice {
+    fn capabilities(&self) -> switchboard_core::BackplaneCapabilities {
+        self.0.capabilities()
+    }
+    async fn start(
+        &self,
+        node: &NodeId,
+        inbox: Arc<dyn switchboard_core::Inbox>,
+    ) -> Result<(), switchboard_core::BackplaneError> {
+        self.0.start(node, Arc::new(TwiceInbox(inbox))).await
+    }
+    async fn publish(
+        &self,
+        message: &switchboard_core::Message,
+    ) -> Result<switchboard_core::Reach, switchboard_core::BackplaneError> {
+        self.0.publish(message).await
+    }
+    async fn subscribe(
+        &self,
+        address: &switchboard_core::Address,
+    ) -> Result<(), switchboard_core::BackplaneError> {
+        self.0.subscribe(address).await
+    }
+    async fn unsubscribe(
+        &self,
+        address: &switchboard_core::Address,
+    ) -> Result<(), switchboard_core::BackplaneError> {
+        self.0.unsubscribe(address).await
+    }
+    fn health(&self) -> switchboard_core::Health {
+        self.0.health()
+    }
+    async fn stop(&self) {
+        self.0.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_message_handed_over_twice_is_delivered_once() {
+    let store: Arc<dyn ConnectionStore> =
+        Arc::new(FlakyStore::shared(Arc::new(ReferenceStore::new())));
+    let bus = MemoryBus::new();
+    let one = TestServer::start_node(
+        node("n1"),
+        store.clone(),
+        Some(Arc::new(Twice(bus.endpoint()))),
+        options(),
+    )
+    .await;
+    let two = TestServer::start_node(
+        node("n2"),
+        store.clone(),
+        Some(Arc::new(Twice(bus.endpoint()))),
+        options(),
+    )
+    .await;
+    let mut alice = one.connect("alice").await;
+    let mut bob = two.connect("bob").await;
+    for i in 0..20 {
+        send_chat(&mut bob, &i.to_string(), "alice", &format!("m{i}")).await;
+    }
+    send_chat(&mut bob, "end", "alice", "marker").await;
+    let mut expected: Vec<Value> = (0..20).map(|i| chat(&format!("bob: m{i}"))).collect();
+    expected.push(chat("bob: marker"));
+    assert_eq!(messages(&mut alice, 21).await, expected);
+    // Nothing else follows: the repeats were dropped.
+    let _ = one
+        .hub
+        .client(&cluster_ids(&*store, "alice").await[0])
+        .send("addChatMessage", &("last",))
+        .await
+        .expect("delivery");
+    assert_eq!(messages(&mut alice, 1).await, [chat("last")]);
+}
+
+async fn cluster_ids(store: &dyn ConnectionStore, name: &str) -> Vec<ConnectionId> {
+    store
+        .connections(&user(name))
+        .await
+        .expect("lookup")
+        .into_iter()
+        .map(|r| r.id().clone())
+        .collect()
 }

@@ -217,3 +217,26 @@ async fn a_user_on_an_unreachable_node_is_reported_unreachable_not_offline() {
     assert_eq!((delivery.local, delivery.unreachable), (0, 1));
     assert!(!delivery.nobody_there());
 }
+
+#[tokio::test]
+async fn a_backplane_is_refused_for_a_store_that_keeps_connections_per_node() {
+    let auth = Authenticator::new(JwtConfig::new(common::SECRET).expect("strong secret"));
+    let bus = switchboard_core::testkit::MemoryBus::new();
+    let hub = HubService::builder(
+        chat::hub(),
+        Arc::new(switchboard_memory::MemoryStore::new()),
+        auth,
+    )
+    .backplane(bus.endpoint())
+    .build();
+    match hub.start().await {
+        Err(StartError::NodeLocalStore(store)) => assert_eq!(store, "memory"),
+        other => panic!("expected NodeLocalStore, got {other:?}"),
+    }
+    let message = StartError::NodeLocalStore("memory").to_string();
+    assert!(
+        message.contains("use a store that spans servers"),
+        "{message}"
+    );
+    assert!(!hub.readiness().started);
+}

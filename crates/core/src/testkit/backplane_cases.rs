@@ -22,11 +22,11 @@ use tokio::sync::watch;
 use tokio::time::{Instant, timeout, timeout_at};
 
 use super::{BackplaneHarness, conn, node, unique_namespace, user};
+use crate::backplane::Reach;
 use crate::backplane::{
     Address, Backplane, BackplaneCapabilities, BackplaneError, Health, Inbox, Message, MessageId,
     Ordering,
 };
-use crate::backplane::Reach;
 use crate::id::{ConnectionId, NodeId};
 
 /// The bound on every backplane call and every wait for a message.
@@ -812,7 +812,10 @@ pub async fn publish_reports_its_reach_as_claimed(harness: &dyn BackplaneHarness
         expected.push((cluster.message(0, empty.clone(), Vec::new(), "to none"), 0));
     }
     if cluster.caps.node_addressed {
-        expected.push((cluster.message(0, cluster.to_node(1), Vec::new(), "to one"), 1));
+        expected.push((
+            cluster.message(0, cluster.to_node(1), Vec::new(), "to one"),
+            1,
+        ));
     }
     for (message, nodes) in &expected {
         let reach = cluster.publish(0, message).await;
@@ -824,7 +827,10 @@ pub async fn publish_reports_its_reach_as_claimed(harness: &dyn BackplaneHarness
                 describe(message)
             );
         } else {
-            assert_eq!(reach.nodes, None, "reach claimed unknown, yet a count came back");
+            assert_eq!(
+                reach.nodes, None,
+                "reach claimed unknown, yet a count came back"
+            );
         }
     }
     if cluster.caps.channels {

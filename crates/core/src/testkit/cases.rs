@@ -502,6 +502,13 @@ pub async fn capabilities_are_consistent(harness: &dyn Harness) {
             "records that vanish with their node cannot survive a restart: {caps:?}"
         ),
     }
+    if caps.spans_nodes_with_backplane {
+        assert!(
+            !caps.shared_across_nodes && !caps.lookup,
+            "a store spanning nodes through a backplane keeps its records per node and cannot \
+             look users up (their connections travel on user channels): {caps:?}"
+        );
+    }
 }
 
 /// Two instances on one namespace (two nodes) see each other's records when the store claims

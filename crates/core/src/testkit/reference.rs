@@ -66,6 +66,7 @@ impl ConnectionStore for ReferenceStore {
         Capabilities {
             strategy: "reference",
             shared_across_nodes: false,
+            spans_nodes_with_backplane: false,
             lookup: true,
             list_users: UserListing::Indexed,
             survives_restart: false,

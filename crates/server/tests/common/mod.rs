@@ -591,6 +591,9 @@ pub struct FlakyStore {
     pub refusing: AtomicBool,
     /// New connections fail with a permanent error.
     pub broken: AtomicBool,
+    /// Claims `shared_across_nodes`: one instance shared by several nodes in this process
+    /// stands in for a shared database.
+    claims_shared: bool,
 }
 
 impl Default for FlakyStore {
@@ -609,6 +612,16 @@ impl FlakyStore {
             hung: AtomicBool::new(false),
             refusing: AtomicBool::new(false),
             broken: AtomicBool::new(false),
+            claims_shared: false,
+        }
+    }
+
+    /// One store for several nodes in this process, standing in for a shared database: it
+    /// claims `shared_across_nodes`, which a server wants before it accepts a backplane.
+    pub fn shared(inner: Arc<dyn ConnectionStore>) -> Self {
+        Self {
+            claims_shared: true,
+            ..Self::over(inner)
         }
     }
 
@@ -629,7 +642,9 @@ impl FlakyStore {
 #[async_trait]
 impl ConnectionStore for FlakyStore {
     fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
+        let mut caps = self.inner.capabilities();
+        caps.shared_across_nodes |= self.claims_shared;
+        caps
     }
     async fn add(&self, record: ConnectionRecord) -> Result<(), StoreError> {
         self.check().await?;
@@ -726,8 +741,9 @@ pub fn chat(text: &str) -> Value {
     serde_json::json!({"type": 1, "target": "addChatMessage", "arguments": [text]})
 }
 
-/// The reference store, claiming it cannot look users up (and has no leases), as the `groups`
-/// strategy: the server then delivers to users through its per-user index and, with a
+/// The reference store, claiming it cannot look users up (and has no leases) and spans nodes
+/// through a backplane, as the `groups` strategy (one instance may serve several nodes of a
+/// test, so the test can count what they hold): the server then delivers to users through its per-user index and, with a
 /// backplane, through per-user channels.
 #[derive(Debug, Default)]
 pub struct NoLookupStore(pub ReferenceStore);
@@ -738,6 +754,8 @@ impl ConnectionStore for NoLookupStore {
         Capabilities {
             lookup: false,
             leases: false,
+            shared_across_nodes: false,
+            spans_nodes_with_backplane: true,
             ..self.0.capabilities()
         }
     }
