@@ -508,3 +508,50 @@ async fn cluster_ids(store: &dyn ConnectionStore, name: &str) -> Vec<ConnectionI
         .map(|r| r.id().clone())
         .collect()
 }
+
+#[tokio::test]
+async fn a_stateful_reconnect_replays_messages_from_other_nodes_exactly_once() {
+    let store: Arc<dyn ConnectionStore> =
+        Arc::new(FlakyStore::shared(Arc::new(ReferenceStore::new())));
+    let bus = MemoryBus::new();
+    let stateful = || options().with_stateful_reconnect(true, Duration::from_secs(10));
+    let one =
+        TestServer::start_node(node("n1"), store.clone(), Some(bus.endpoint()), stateful()).await;
+    let two =
+        TestServer::start_node(node("n2"), store.clone(), Some(bus.endpoint()), stateful()).await;
+    let (token, mut alice) = common::connect_stateful(&one, "alice").await;
+    let mut bob = two.connect("bob").await;
+    for i in 0..5 {
+        bob.invoke(
+            &i.to_string(),
+            "SendChatMessage",
+            json!(["alice", format!("m{i}")]),
+        )
+        .await;
+    }
+    assert_eq!(
+        messages(&mut alice, 2).await[..2],
+        [chat("bob: m0"), chat("bob: m1")]
+    );
+    // The transport drops with nothing acknowledged; bob goes on sending from the other node.
+    drop(alice);
+    for i in 5..8 {
+        bob.invoke(
+            &i.to_string(),
+            "SendChatMessage",
+            json!(["alice", format!("m{i}")]),
+        )
+        .await;
+    }
+    let mut alice = common::attach(&one, "alice", &token).await;
+    let mut replay = Vec::new();
+    while replay.len() < 9 {
+        replay.extend(alice.next_records().await.expect("replay"));
+    }
+    assert_eq!(replay[0], json!({"type": 9, "sequenceId": 1}));
+    let expected: Vec<Value> = (0..8).map(|i| chat(&format!("bob: m{i}"))).collect();
+    assert_eq!(replay[1..9], expected[..], "every message once, in order");
+    bob.invoke("end", "SendChatMessage", json!(["alice", "after"]))
+        .await;
+    assert_eq!(messages(&mut alice, 1).await, [chat("bob: after")]);
+}
