@@ -67,3 +67,66 @@ ensure_node_modules() {
   section "npm ci --prefix web"
   npm ci --prefix "$web" --no-audit --no-fund
 }
+
+# redis-server and redis-cli, from Debian's redis-server package when missing.
+# Only the binaries are used: the tests start their own instances on free
+# loopback ports, and a service the package may have started is left alone.
+ensure_redis() {
+  if have redis-server && have redis-cli; then
+    info "$(redis-server --version | head -n 1)"
+    return
+  fi
+  section "Installing redis-server"
+  apt_install redis-server
+  have redis-server && have redis-cli || die "redis-server or redis-cli is still missing"
+}
+
+# Prints a TCP port that was free on 127.0.0.1 a moment ago (the kernel's
+# choice for a listener on port 0).
+free_port() {
+  node -e 'const s = require("net").createServer(); s.listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); });'
+}
+
+# start_redis VAR: starts a throwaway redis-server (no persistence) on a free
+# loopback port, waits until it answers PING, appends its PID to STARTED_PIDS
+# and its log to TEMP_FILES (arrays the caller defines and cleans up on exit)
+# and sets and exports VAR as its redis:// URL. Not to be run in a subshell.
+start_redis() {
+  local var="$1" port pid log attempt i
+  for attempt in 1 2 3; do
+    port="$(free_port)"
+    log="$(mktemp)"
+    TEMP_FILES+=("$log")
+    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --daemonize no \
+      >"$log" 2>&1 </dev/null &
+    pid=$!
+    STARTED_PIDS+=("$pid")
+    for i in $(seq 1 100); do
+      if [ "$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" = PONG ]; then
+        info "redis-server (PID $pid) on 127.0.0.1:$port"
+        printf -v "$var" 'redis://127.0.0.1:%s' "$port"
+        export "${var?}"
+        return 0
+      fi
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    stop_pid "$pid"
+    info "redis-server on port $port did not answer PING (attempt $attempt):"
+    tail -n 5 "$log" >&2
+  done
+  die "could not start redis-server"
+}
+
+# stop_pid PID: SIGTERM, then SIGKILL when it is still running after 5 s; waits for it.
+stop_pid() {
+  local pid="$1" i
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill "$pid" 2>/dev/null || true
+  for i in $(seq 1 50); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
+  wait "$pid" 2>/dev/null || true
+}

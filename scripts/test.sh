@@ -6,8 +6,9 @@
 #   bash scripts/test.sh
 #
 # Environment:
-#   SWITCHBOARD_BIN   server binary for the end-to-end tests
-#                     (default: target/debug/switchboard, built here)
+#   SWITCHBOARD_BIN   server binary for the end-to-end tests, built with the
+#                     groups and redis features (default: built here with
+#                     them and copied to target/e2e/switchboard)
 #   CHROMIUM_PATH     Chromium for the browser tests (default: /usr/bin/chromium)
 #   SKIP_RUST=1       skip fmt, clippy and cargo test (still builds the binary)
 #   SKIP_FUZZ=1       skip the fuzz smoke run (a few seconds per target)
@@ -67,9 +68,16 @@ build_server() {
     [ -x "$SWITCHBOARD_BIN" ] || die "SWITCHBOARD_BIN=$SWITCHBOARD_BIN is not an executable"
     return
   fi
+  section "cargo build -p switchboard --bin switchboard --features groups,redis"
+  cargo build -p switchboard --bin switchboard --features groups,redis
+  # A copy, because the build without features below (the one scripts/run.sh
+  # runs) writes the same target/debug/switchboard.
+  mkdir -p "$REPO_ROOT/target/e2e"
+  cp -f "$REPO_ROOT/target/debug/switchboard" "$REPO_ROOT/target/e2e/switchboard.tmp"
+  mv -f "$REPO_ROOT/target/e2e/switchboard.tmp" "$REPO_ROOT/target/e2e/switchboard"
+  SWITCHBOARD_BIN="$REPO_ROOT/target/e2e/switchboard"
   section "cargo build -p switchboard --bin switchboard"
   cargo build -p switchboard --bin switchboard
-  SWITCHBOARD_BIN="$REPO_ROOT/target/debug/switchboard"
 }
 
 # Runs the README's first command (scripts/run.sh) the way a newcomer does, checks that it
@@ -119,8 +127,10 @@ check_run_command() {
 }
 
 # Store and backplane pairs the end-to-end suite runs against: the whole suite
-# on the first, the official-client interop tests on the others.
-E2E_TARGETS=("memory:none")
+# on the first (multinode.test.mjs among it, which starts its own Redis and
+# three nodes whatever the target), the official-client interop tests on the
+# others. A target whose backplane is redis gets a redis-server of its own.
+E2E_TARGETS=("memory:none" "groups:redis")
 
 run_js_tests() {
   local target status=0 first=1
@@ -140,16 +150,22 @@ run_js_suite() {
   local store="${1%%:*}" backplane="${1#*:}"
   shift
   section "End-to-end tests (store $store, backplane $backplane): node --test web/tests/"
-  local started=$SECONDS report status=0
+  local started=$SECONDS report status=0 args="" redis_pid=""
   report="$(mktemp)"
   TEMP_FILES+=("$report")
+  if [ "$backplane" = redis ]; then
+    start_redis E2E_REDIS_URL
+    redis_pid="${STARTED_PIDS[-1]}"
+    args="--redis-url $E2E_REDIS_URL"
+  fi
   # One file at a time: each starts its own servers and browsers, and the
   # timings of the checks are steadier without them competing for the CPU.
   SWITCHBOARD_BIN="$SWITCHBOARD_BIN" SWITCHBOARD_E2E_STORE="$store" \
-    SWITCHBOARD_E2E_BACKPLANE="$backplane" node --test --test-concurrency=1 \
+    SWITCHBOARD_E2E_BACKPLANE="$backplane" SWITCHBOARD_E2E_ARGS="$args" node --test --test-concurrency=1 \
     --test-reporter=spec --test-reporter-destination=stdout \
     --test-reporter=tap --test-reporter-destination="$report" \
     "$@" || status=$?
+  if [ -n "$redis_pid" ]; then stop_pid "$redis_pid"; fi
   local passed failed
   passed="$(sed -n 's/^# pass \([0-9]*\)$/\1/p' "$report" | tail -n 1)"
   failed="$(sed -n 's/^# fail \([0-9]*\)$/\1/p' "$report" | tail -n 1)"
@@ -173,6 +189,7 @@ main() {
   ensure_node
   ensure_chromium
   ensure_node_modules
+  ensure_redis
   run_rust_checks
   build_server
   check_run_command
