@@ -146,15 +146,16 @@ export const TARGET = {
  *
  * options: dev (bool), jwtSecret (string), args (extra CLI args), env (extra
  * environment), cwd (defaults to the repository root, where the default
- * vendor directory resolves).
+ * vendor directory resolves), target ({store, backplane, args} in place of
+ * TARGET, for a test that needs a particular store and backplane).
  * Returns { port, url, wsUrl, hubUrl, logs(), stop() }.
  */
-export async function startServer({ dev = false, jwtSecret, args = [], env = {}, cwd = REPO_ROOT, startTimeoutMs = 30_000 } = {}) {
+export async function startServer({ dev = false, jwtSecret, args = [], env = {}, cwd = REPO_ROOT, startTimeoutMs = 30_000, target = TARGET } = {}) {
   const bin = serverBinary();
   let lastFailure;
   for (let attempt = 0; attempt < 3; attempt++) {
     const port = await freePort();
-    const fullArgs = ['serve', '--store', TARGET.store, '--backplane', TARGET.backplane, ...TARGET.args, '--listen', `127.0.0.1:${port}`];
+    const fullArgs = ['serve', '--store', target.store, '--backplane', target.backplane, ...(target.args || []), '--listen', `127.0.0.1:${port}`];
     if (dev) fullArgs.push('--dev');
     if (jwtSecret) fullArgs.push('--jwt-secret', jwtSecret);
     fullArgs.push(...args);
