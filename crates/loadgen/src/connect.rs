@@ -90,8 +90,6 @@ impl ConnectError {
 /// How to open a connection.
 #[derive(Clone)]
 pub(crate) struct ConnectCfg {
-    /// The hub URL.
-    url: Arc<str>,
     /// WebSocket buffer sizes.
     ws: WebSocketConfig,
     /// Limit for TCP connect + upgrade + handshake.
@@ -102,7 +100,6 @@ impl ConnectCfg {
     /// The connection settings of the command line.
     pub(crate) fn new(args: &Args) -> Self {
         Self {
-            url: Arc::from(args.url.as_str()),
             ws: WebSocketConfig::default()
                 .read_buffer_size(args.read_buffer.max(512))
                 .write_buffer_size(64 * 1024),
@@ -120,18 +117,18 @@ pub(crate) struct Conn {
     pub(crate) leftover: Option<Vec<u8>>,
 }
 
-/// Opens one connection, within the configured timeout.
-async fn connect(cfg: &ConnectCfg, token: &str) -> Result<Conn, ConnectError> {
-    match tokio::time::timeout(cfg.timeout, connect_inner(cfg, token)).await {
+/// Opens one connection to `url`, within the configured timeout.
+async fn connect(cfg: &ConnectCfg, url: &str, token: &str) -> Result<Conn, ConnectError> {
+    match tokio::time::timeout(cfg.timeout, connect_inner(cfg, url, token)).await {
         Ok(r) => r,
         Err(_) => Err(ConnectError::Timeout),
     }
 }
 
 /// TCP connect, WebSocket upgrade with the token, handshake, first Ping.
-async fn connect_inner(cfg: &ConnectCfg, token: &str) -> Result<Conn, ConnectError> {
+async fn connect_inner(cfg: &ConnectCfg, url: &str, token: &str) -> Result<Conn, ConnectError> {
     use tokio_tungstenite::tungstenite::Error as WsError;
-    let mut req = (&*cfg.url)
+    let mut req = url
         .into_client_request()
         .map_err(|e| ConnectError::Transport(format!("bad url: {e}")))?;
     let value = HeaderValue::from_str(&format!("Bearer {token}"))
@@ -188,8 +185,15 @@ async fn connect_inner(cfg: &ConnectCfg, token: &str) -> Result<Conn, ConnectErr
 
 /// One connection to open.
 pub(crate) struct Plan {
+    /// The hub URL it opens.
+    pub(crate) url: Arc<str>,
     /// The token of the connection's user.
     pub(crate) token: Arc<str>,
+}
+
+/// The URLs of `urls` as shared strings, for plans to pick from round-robin.
+pub(crate) fn shared_urls(urls: &[String]) -> Vec<Arc<str>> {
+    urls.iter().map(|u| Arc::from(u.as_str())).collect()
 }
 
 /// What opening a batch of connections gave.
@@ -228,7 +232,7 @@ pub(crate) async fn open_all(
         set.spawn(async move {
             let _permit = sem.acquire_owned().await;
             let t = Instant::now();
-            let r = connect(&cfg, &plan.token).await;
+            let r = connect(&cfg, &plan.url, &plan.token).await;
             (i, t.elapsed(), r)
         });
     }

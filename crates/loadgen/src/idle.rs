@@ -8,7 +8,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::connect::{ConnectCfg, Plan, Tokens, open_all};
+use crate::connect::{ConnectCfg, Plan, Tokens, open_all, shared_urls};
 use crate::counters::{Anomalies, Live};
 use crate::receivers::receiver;
 use crate::report::{anomalies_json, connect_json, mib, print_anomalies, print_connect};
@@ -25,8 +25,10 @@ pub(crate) async fn run_idle(args: &Args, n: usize) -> anyhow::Result<Outcome> {
     for u in 0..users {
         user_tokens.push(tokens.issue(&receiver_name(u))?);
     }
+    let urls = shared_urls(&args.url);
     let plans: Vec<Plan> = (0..n)
         .map(|i| Plan {
+            url: urls[i % urls.len()].clone(),
             token: user_tokens[i / per_user].clone(),
         })
         .collect();
@@ -76,6 +78,7 @@ pub(crate) async fn run_idle(args: &Args, n: usize) -> anyhow::Result<Outcome> {
         "mode               idle, {ok} connections ({per_user} per user), held {:.1} s",
         args.duration
     );
+    println!("hub URLs           {}", args.url.join(", "));
     if let Some(b) = rss_before {
         println!("server RSS         before {:.1} MiB", mib(b));
         for (label, v) in [
@@ -100,6 +103,7 @@ pub(crate) async fn run_idle(args: &Args, n: usize) -> anyhow::Result<Outcome> {
     if args.json {
         let report = json!({
             "mode": "idle",
+            "urls": args.url,
             "connections": ok,
             "connections_per_user": per_user,
             "connect": connect,

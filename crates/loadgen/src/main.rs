@@ -36,6 +36,15 @@
 //! * Idle (`--idle N`): N connections (users `user-{i / C}`), held for `--duration` seconds;
 //!   with `--server-pid` reports the server's resident memory per connection.
 //!
+//! # Several nodes
+//!
+//! `--url` may be given more than once (or as a comma-separated list). With several URLs the
+//! senders connect to the first and the receiver connections round-robin over the others
+//! (connection k of user u goes to the `(u·C + k) mod (URLs − 1)`-th of them), so every
+//! delivery crosses nodes and a user's connections sit on different nodes where there are
+//! enough; idle connections round-robin over all URLs. With one URL every connection opens
+//! it. The report names the URLs used.
+//!
 //! After the measured window (`--warmup` then `--duration` seconds) the senders stop, and the
 //! generator waits up to `--drain` seconds for outstanding deliveries before it reports.
 //!
@@ -91,13 +100,17 @@ use clap::Parser;
     about = "Load generator for a Switchboard hub: delivered messages/s, latency percentiles, losses and server memory"
 )]
 struct Args {
-    /// Hub URL (WebSocket, no negotiate).
+    /// Hub URL (WebSocket, no negotiate). Repeat it (or separate URLs with commas) to spread
+    /// the connections over several nodes: senders connect to the first URL and receivers
+    /// round-robin over the others, so every delivery crosses nodes; idle connections
+    /// round-robin over all of them.
     #[arg(
         long,
         env = "SWITCHBOARD_LOADGEN_URL",
-        default_value = "ws://127.0.0.1:5000/hubs/chat"
+        default_value = "ws://127.0.0.1:5000/hubs/chat",
+        value_delimiter = ','
     )]
-    url: String,
+    url: Vec<String>,
     /// HS256 secret the server verifies tokens with (at least 32 bytes).
     #[arg(long, env = "SWITCHBOARD_LOADGEN_JWT_SECRET", hide_env_values = true)]
     jwt_secret: String,
@@ -172,6 +185,23 @@ struct Args {
     json: bool,
 }
 
+impl Args {
+    /// The URL sender connections open: the first `--url`.
+    fn sender_url(&self) -> &str {
+        &self.url[0]
+    }
+
+    /// The URLs receiver connections open, round-robin: the only `--url`, or all but the
+    /// first when there are several.
+    fn receiver_urls(&self) -> &[String] {
+        if self.url.len() > 1 {
+            &self.url[1..]
+        } else {
+            &self.url
+        }
+    }
+}
+
 /// What a mode hands back to `main`: whether the run was clean.
 struct Outcome {
     /// No failed connections, losses, duplicates, misrouted messages or protocol errors.
@@ -182,6 +212,10 @@ struct Outcome {
 /// outcome into the exit status.
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if args.url.is_empty() || args.url.iter().any(String::is_empty) {
+        eprintln!("switchboard-loadgen: --url must not be empty");
+        return std::process::ExitCode::from(1);
+    }
     util::epoch();
     let needed = match args.idle {
         Some(n) => n,
@@ -216,6 +250,36 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("switchboard-loadgen: {e:#}");
             std::process::ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Args {
+        let mut argv = vec!["switchboard-loadgen", "--jwt-secret", "s"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).expect("arguments parse")
+    }
+
+    #[test]
+    fn one_url_serves_senders_and_receivers() {
+        let args = parse(&["--url", "ws://a/hubs/chat"]);
+        assert_eq!(args.sender_url(), "ws://a/hubs/chat");
+        assert_eq!(args.receiver_urls(), ["ws://a/hubs/chat"]);
+    }
+
+    #[test]
+    fn several_urls_put_senders_on_the_first_and_receivers_on_the_others() {
+        for argv in [
+            &["--url", "ws://a", "--url", "ws://b", "--url", "ws://c"][..],
+            &["--url", "ws://a,ws://b,ws://c"][..],
+        ] {
+            let args = parse(argv);
+            assert_eq!(args.sender_url(), "ws://a");
+            assert_eq!(args.receiver_urls(), ["ws://b", "ws://c"]);
         }
     }
 }

@@ -283,6 +283,15 @@ fn print_traffic(args: &Args, run: &TrafficRun, s: &TrafficStats) {
             String::new()
         }
     );
+    if args.url.len() > 1 {
+        println!("senders' URL       {}", args.sender_url());
+        println!(
+            "receivers' URLs    {} (round-robin)",
+            args.receiver_urls().join(", ")
+        );
+    } else {
+        println!("hub URL            {}", args.sender_url());
+    }
     println!(
         "window             {:.3} s measured (warm-up {:.1} s), drain {:.3} s",
         s.window_s,
@@ -367,6 +376,7 @@ fn traffic_json(args: &Args, run: &TrafficRun, s: &TrafficStats) -> Value {
     let (rss_before, rss_connected, rss_end) = run.rss;
     json!({
         "mode": s.mode,
+        "urls": { "senders": args.sender_url(), "receivers": args.receiver_urls() },
         "users": args.users,
         "connections_per_user": args.connections,
         "senders": args.senders,

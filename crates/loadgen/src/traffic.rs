@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::connect::{Conn, ConnectCfg, Plan, Tokens, open_all};
+use crate::connect::{Conn, ConnectCfg, Plan, Tokens, open_all, shared_urls};
 use crate::counters::{Anomalies, Deliveries, Live, RecvResult, SendResult};
 use crate::receivers::receiver;
 use crate::report::{self, TrafficRun, connect_json, print_connect};
@@ -117,16 +117,23 @@ struct Connected {
 async fn connect(args: &Args) -> anyhow::Result<Connected> {
     let (users, per_user, nsend) = (args.users, args.connections, args.senders);
     let tokens = Tokens::new(&args.jwt_secret, Duration::from_secs(args.token_ttl))?;
+    let recv_urls = shared_urls(args.receiver_urls());
+    let send_url: Arc<str> = Arc::from(args.sender_url());
     let mut recv_plans = Vec::with_capacity(users * per_user);
     for u in 0..users {
         let t = tokens.issue(&receiver_name(u))?;
         for _ in 0..per_user {
-            recv_plans.push(Plan { token: t.clone() });
+            let url = recv_urls[recv_plans.len() % recv_urls.len()].clone();
+            recv_plans.push(Plan {
+                url,
+                token: t.clone(),
+            });
         }
     }
     let mut send_plans = Vec::with_capacity(nsend);
     for i in 0..nsend {
         send_plans.push(Plan {
+            url: send_url.clone(),
             token: tokens.issue(&sender_name(i))?,
         });
     }
