@@ -166,11 +166,13 @@ run_js_suite() {
     --test-reporter=tap --test-reporter-destination="$report" \
     "$@" || status=$?
   if [ -n "$redis_pid" ]; then stop_pid "$redis_pid"; fi
-  local passed failed
+  local passed failed cancelled
   passed="$(sed -n 's/^# pass \([0-9]*\)$/\1/p' "$report" | tail -n 1)"
   failed="$(sed -n 's/^# fail \([0-9]*\)$/\1/p' "$report" | tail -n 1)"
+  # Tests of a suite whose before hook failed count as cancelled, not failed.
+  cancelled="$(sed -n 's/^# cancelled \([0-9]*\)$/\1/p' "$report" | tail -n 1)"
   info "end-to-end tests took $((SECONDS - started)) s"
-  echo "e2e: ${passed:-0} passed, ${failed:-0} failed"
+  echo "e2e: ${passed:-0} passed, ${failed:-0} failed, ${cancelled:-0} cancelled"
   return "$status"
 }
 
