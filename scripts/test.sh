@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The project's test command: installs what is missing, runs the Rust checks
 # and tests, builds the server, and runs the end-to-end tests (official
-# SignalR Node client and headless Chromium) against it.
+# SignalR Node client and headless Chromium) against it. Redis comes from
+# Debian's redis-server package when missing; only its binaries are used:
+# every Redis the tests need is started here (or by the test file itself)
+# on a free loopback port, without persistence, and stopped again.
 #
 #   bash scripts/test.sh
 #
