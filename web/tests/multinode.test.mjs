@@ -114,6 +114,8 @@ describe('three nodes, groups store, Redis backplane', { timeout: 300_000 }, () 
   const open = [];
   let redis;
   let redisPort;
+  // Redis instances stopped during the tests, for their logs.
+  const stoppedRedis = [];
   // alice on node 1 and node 2, bob on node 3, connected before the tests.
   let aliceOn1;
   let aliceOn2;
@@ -159,9 +161,9 @@ describe('three nodes, groups store, Redis backplane', { timeout: 300_000 }, () 
   const chat = (c) => c.inbox.messages.filter((m) => !PROBE.test(m));
 
   /**
-   * Sends probes from `sender` to `who` until every one of `inboxes` has one:
-   * a user's connection can count on another node a moment after start()
-   * resolves. Clears the inboxes and the sender's inbox afterwards.
+   * Sends probes from `sender` to `who` until every connection in `receivers`
+   * has one: a user's connection may count on another node only a moment
+   * after start() resolves. Clears the inboxes of all of them afterwards.
    */
   async function waitReachable(sender, who, receivers) {
     await waitUntil(
@@ -183,7 +185,7 @@ describe('three nodes, groups store, Redis backplane', { timeout: 300_000 }, () 
       await body();
     } catch (err) {
       for (const [i, n] of nodes.entries()) console.error(`--- node ${i + 1} (port ${n.port}) log ---\n${n.logs()}`);
-      if (redis) console.error(`--- redis-server log ---\n${redis.logs()}`);
+      for (const r of [...stoppedRedis, redis].filter(Boolean)) console.error(`--- redis-server log ---\n${r.logs()}`);
       throw err;
     }
   }
@@ -266,6 +268,7 @@ describe('three nodes, groups store, Redis backplane', { timeout: 300_000 }, () 
 
       await waitUntil(() => chat(aliceOn1).length >= 30, 'the first 30 streamed messages at alice@node1', { timeoutMs: 20_000 });
       await redis.kill('SIGKILL');
+      stoppedRedis.push(redis);
       const downAt = Date.now();
       assert.equal(await redisPing(redisPort), false, 'Redis is down');
 
