@@ -9,9 +9,9 @@
 #   bash scripts/test.sh
 #
 # Environment:
-#   SWITCHBOARD_BIN   server binary for the end-to-end tests, built with the
-#                     groups and redis features (default: built here with
-#                     them and copied to target/e2e/switchboard)
+#   SWITCHBOARD_BIN   server binary for the end-to-end tests, with the groups
+#                     store and the Redis backplane (default features)
+#                     (default: target/debug/switchboard, built here)
 #   CHROMIUM_PATH     Chromium for the browser tests (default: /usr/bin/chromium)
 #   SKIP_RUST=1       skip fmt, clippy and cargo test (still builds the binary)
 #   SKIP_FUZZ=1       skip the fuzz smoke run (a few seconds per target)
@@ -71,16 +71,10 @@ build_server() {
     [ -x "$SWITCHBOARD_BIN" ] || die "SWITCHBOARD_BIN=$SWITCHBOARD_BIN is not an executable"
     return
   fi
-  section "cargo build -p switchboard --bin switchboard --features groups,redis"
-  cargo build -p switchboard --bin switchboard --features groups,redis
-  # A copy, because the build without features below (the one scripts/run.sh
-  # runs) writes the same target/debug/switchboard.
-  mkdir -p "$REPO_ROOT/target/e2e"
-  cp -f "$REPO_ROOT/target/debug/switchboard" "$REPO_ROOT/target/e2e/switchboard.tmp"
-  mv -f "$REPO_ROOT/target/e2e/switchboard.tmp" "$REPO_ROOT/target/e2e/switchboard"
-  SWITCHBOARD_BIN="$REPO_ROOT/target/e2e/switchboard"
+  # The default features include the groups store and the Redis backplane.
   section "cargo build -p switchboard --bin switchboard"
   cargo build -p switchboard --bin switchboard
+  SWITCHBOARD_BIN="$REPO_ROOT/target/debug/switchboard"
 }
 
 # Runs the README's first command (scripts/run.sh) the way a newcomer does, checks that it
