@@ -27,6 +27,9 @@ pub(crate) const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
 pub(crate) const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
 /// How long the reader's `XREAD` blocks when nothing arrives.
 pub(crate) const READ_BLOCK: Duration = Duration::from_secs(1);
+/// How often an idle writer checks its link, so it notices a lost Redis (and registers
+/// again) without waiting for the next publication.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// Most outbox entries sent in one pipeline.
 const MAX_BATCH: usize = 256;
 /// Most inbox entries read by one `XREAD`.
@@ -109,7 +112,13 @@ struct Shared {
     client: Client,
     outbox: Mutex<Outbox>,
     work: Notify,
+    /// The inbox position up to which the reader handed everything over, for the writer to
+    /// trim.
+    trim_to: Mutex<Option<String>>,
     links: Mutex<Links>,
+    /// Set by the reader when it finds Redis lost its data, so the writer registers again
+    /// at once.
+    restart_seen: Mutex<Option<String>>,
     stopping: AtomicBool,
     stop: watch::Sender<bool>,
     /// Random per endpoint: lets a receiver drop the duplicates a retried batch can write.
@@ -549,6 +558,7 @@ impl Writer {
     async fn serve(&mut self, conn: &mut MultiplexedConnection) -> Served {
         let refresh_every = self.shared.config.alive_ttl / 3;
         let mut next_refresh = Instant::now() + refresh_every;
+        let mut next_check = Instant::now() + IDLE_CHECK;
         let shared = Arc::clone(&self.shared);
         loop {
             let notified = shared.work.notified();
@@ -568,6 +578,19 @@ impl Writer {
                 }
                 next_refresh = Instant::now() + refresh_every;
             }
+            let trim = lock(&shared.trim_to).take();
+            if let Some(position) = trim {
+                let trimmed: Result<(), RedisError> = redis::cmd("XTRIM")
+                    .arg(&self.inbox)
+                    .arg("MINID")
+                    .arg(&position)
+                    .query_async(conn)
+                    .await;
+                if let Err(e) = trimmed {
+                    lock(&shared.trim_to).get_or_insert(position);
+                    return Served::Lost(format!("trimming the inbox: {e}"));
+                }
+            }
             self.shared.expire();
             let batch: Vec<Entry> = {
                 let mut outbox = self.shared.outbox();
@@ -575,9 +598,20 @@ impl Writer {
                 outbox.queue.drain(..n).collect()
             };
             if batch.is_empty() {
+                if Instant::now() >= next_check {
+                    let pong: Result<(), RedisError> = redis::cmd("PING").query_async(conn).await;
+                    if let Err(e) = pong {
+                        return Served::Lost(format!("checking the link: {e}"));
+                    }
+                    next_check = Instant::now() + IDLE_CHECK;
+                }
+                let seen = lock(&shared.restart_seen).take();
+                if seen.is_some() && seen != self.epoch {
+                    return Served::Lost("Redis restarted without its data".to_owned());
+                }
                 tokio::select! {
                     () = notified => {}
-                    () = sleep_until(next_refresh) => {}
+                    () = sleep_until(next_refresh.min(next_check)) => {}
                     () = self.shared.until_stopped() => return Served::Stopped,
                 }
                 continue;
@@ -585,6 +619,7 @@ impl Writer {
             if let Err(reason) = self.send(conn, batch).await {
                 return Served::Lost(reason);
             }
+            next_check = Instant::now() + IDLE_CHECK;
         }
     }
 
@@ -801,6 +836,8 @@ impl Reader {
                 // is new to this node.
                 position = "0-0".to_owned();
                 epoch = now;
+                *lock(&self.shared.restart_seen) = Some(epoch.clone());
+                self.shared.work.notify_one();
             }
             backoff.reset();
             self.shared.link_up(Link::Reader);
@@ -823,17 +860,9 @@ impl Reader {
         conn: &mut MultiplexedConnection,
         position: &mut String,
     ) -> Option<String> {
-        let mut trim = false;
         loop {
-            let mut pipe = redis::pipe();
-            if trim {
-                pipe.cmd("XTRIM")
-                    .arg(&self.inbox_key)
-                    .arg("MINID")
-                    .arg(position.as_str())
-                    .ignore();
-            }
-            pipe.cmd("XREAD")
+            let mut xread = redis::cmd("XREAD");
+            xread
                 .arg("COUNT")
                 .arg(READ_COUNT)
                 .arg("BLOCK")
@@ -841,26 +870,32 @@ impl Reader {
                 .arg("STREAMS")
                 .arg(&self.inbox_key)
                 .arg(position.as_str());
-            let reply: Result<(StreamReply,), RedisError> = tokio::select! {
-                reply = pipe.query_async(conn) => reply,
+            let reply: Result<StreamReply, RedisError> = tokio::select! {
+                reply = xread.query_async(conn) => reply,
                 () = self.shared.until_stopped() => return None,
             };
-            let (streams,) = match reply {
+            let streams = match reply {
                 Ok(reply) => reply,
                 Err(e) => return Some(format!("reading the inbox: {e}")),
             };
-            trim = false;
+            let mut read_any = false;
             for (_, entries) in streams.unwrap_or_default() {
                 for (id, fields) in entries {
                     if self.shared.stopped() {
                         return None;
                     }
                     *position = id;
-                    trim = true;
+                    read_any = true;
                     if let Some(message) = self.accept(&fields) {
                         self.inbox.receive(message).await;
                     }
                 }
+            }
+            if read_any {
+                // The writer trims, so this connection only ever reads (a Redis that pauses
+                // writes does not stop this node from draining its inbox).
+                *lock(&self.shared.trim_to) = Some(position.clone());
+                self.shared.work.notify_one();
             }
         }
     }
@@ -961,11 +996,13 @@ impl RedisBackplane {
                 client,
                 outbox: Mutex::new(Outbox::default()),
                 work: Notify::new(),
+                trim_to: Mutex::new(None),
                 links: Mutex::new(Links {
                     writer: Some("not connected yet".to_owned()),
                     reader: Some("not connected yet".to_owned()),
                     outage: false,
                 }),
+                restart_seen: Mutex::new(None),
                 stopping: AtomicBool::new(false),
                 stop: watch::channel(false).0,
                 writer_token,
