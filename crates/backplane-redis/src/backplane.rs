@@ -1277,3 +1277,96 @@ impl Backplane for RedisBackplane {
         self.deregister(&running.node, members).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter() {
+        let mut backoff = Backoff::new();
+        let mut step = RECONNECT_MIN_DELAY;
+        for _ in 0..20 {
+            let delay = backoff.next();
+            assert!(
+                delay >= step / 2 && delay <= step,
+                "{delay:?} for a step of {step:?}"
+            );
+            step = (step * 2).min(RECONNECT_MAX_DELAY);
+        }
+        assert!(backoff.next() <= RECONNECT_MAX_DELAY);
+        backoff.reset();
+        assert!(backoff.next() <= RECONNECT_MIN_DELAY);
+    }
+
+    #[test]
+    fn urls_and_bounds_are_checked_without_io() {
+        for url in [
+            "redis://127.0.0.1:1/",
+            "redis://user:pass@localhost:6380/2",
+            "rediss://example.invalid:6380/",
+        ] {
+            assert!(RedisBackplane::new(RedisConfig::new(url)).is_ok(), "{url}");
+        }
+        for url in ["http://localhost/", "not a url", ""] {
+            let err = RedisBackplane::new(RedisConfig::new(url)).expect_err(url);
+            assert!(
+                matches!(err, RedisBackplaneError::InvalidUrl { .. }),
+                "{url}: {err}"
+            );
+        }
+        let zero = RedisConfig::new("redis://127.0.0.1/").with_buffer_messages(0);
+        assert_eq!(
+            RedisBackplane::new(zero)
+                .expect_err("zero bound")
+                .to_string(),
+            "the Redis backplane setting `buffer_messages` must be positive"
+        );
+    }
+
+    #[test]
+    fn key_names_come_from_channel_names() {
+        let names = ChannelNames::new("p").expect("valid");
+        let inbox = names.channel(&Address::Node(NodeId::new("n1").expect("valid")));
+        assert_eq!(inbox, "p:node:n1");
+        assert_eq!(alive_key(&inbox), "p:node:n1:alive");
+        assert_eq!(members_key(&names, &Address::All), "p:all:members");
+        assert_eq!(
+            members_key(&names, &Address::Group(Arc::from("a:b"))),
+            "p:group:a%3Ab:members"
+        );
+        assert_eq!(epoch_key(&names), "p:epoch");
+    }
+
+    #[test]
+    fn credential_errors_are_told_apart() {
+        let wrong = RedisError::from((
+            redis::ErrorKind::AuthenticationFailed,
+            "invalid username-password pair",
+        ));
+        assert!(is_auth_error(&wrong));
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(!is_auth_error(&io));
+        assert!(is_transient_reply(&io));
+    }
+
+    #[tokio::test]
+    async fn calls_before_start_and_after_stop_are_refused() {
+        let plane = RedisBackplane::new(RedisConfig::new("redis://127.0.0.1:1/")).expect("valid");
+        assert_eq!(plane.health(), Health::Down("not started".to_owned()));
+        let message = Message::new(
+            switchboard_core::MessageId {
+                origin: NodeId::new("n").expect("valid"),
+                seq: 1,
+            },
+            Address::All,
+            Vec::new(),
+            Bytes::new(),
+        );
+        let err = plane.publish(&message).await.expect_err("not started");
+        assert!(!err.is_transient());
+        plane.stop().await;
+        assert_eq!(plane.health(), Health::Down("stopped".to_owned()));
+        assert!(plane.subscribe(&Address::All).await.is_err());
+    }
+}

@@ -74,6 +74,11 @@
 //! Outside restarts: entries trimmed by `MAXLEN ~ stream_max_len` while their node was not
 //! reading, and messages to a node whose alive key expired (its writer away for longer than
 //! `alive_ttl`) until it registers again.
+//!
+//! The other way round, a failure is not always a loss: a publication that was sent but whose
+//! answer did not come back within `command_timeout`, and that then waited past `buffer_age`,
+//! fails with `Backlogged` although Redis may have written it. Within `buffer_age` it is sent
+//! again, and receivers drop the copy.
 
 mod backplane;
 mod config;
