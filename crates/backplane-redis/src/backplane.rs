@@ -969,10 +969,30 @@ impl RedisBackplane {
     /// something this build cannot do), [`RedisBackplaneError::InvalidConfig`] when a bound
     /// is zero.
     pub fn new(config: RedisConfig) -> Result<Self, RedisBackplaneError> {
-        let client =
-            Client::open(config.url.as_str()).map_err(|e| RedisBackplaneError::InvalidUrl {
-                reason: e.to_string(),
-            })?;
+        if config.url.starts_with("rediss:") {
+            // One crypto provider for TLS, whichever others the build links in; an
+            // error means one is installed already.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let invalid = |e: RedisError| RedisBackplaneError::InvalidUrl {
+            reason: e.to_string(),
+        };
+        let client = match &config.tls_root_certificate {
+            None => Client::open(config.url.as_str()).map_err(invalid)?,
+            Some(_) if !config.url.starts_with("rediss:") => {
+                return Err(RedisBackplaneError::InvalidUrl {
+                    reason: "a TLS root certificate needs a rediss:// URL".to_owned(),
+                });
+            }
+            Some(pem) => Client::build_with_tls(
+                config.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            )
+            .map_err(invalid)?,
+        };
         for (name, zero) in [
             ("buffer_messages", config.buffer_messages == 0),
             ("buffer_bytes", config.buffer_bytes == 0),

@@ -28,6 +28,9 @@ pub struct RedisConfig {
     pub stream_max_len: u64,
     /// Lifetime of a node's alive key; the backplane refreshes it every third of it.
     pub alive_ttl: Duration,
+    /// For `rediss://` URLs: the PEM certificate(s) to trust instead of the system's roots
+    /// (a private CA). `None` (the default) trusts the system's roots.
+    pub tls_root_certificate: Option<Vec<u8>>,
 }
 
 impl RedisConfig {
@@ -58,6 +61,7 @@ impl RedisConfig {
             command_timeout: Self::DEFAULT_COMMAND_TIMEOUT,
             stream_max_len: Self::DEFAULT_STREAM_MAX_LEN,
             alive_ttl: Self::DEFAULT_ALIVE_TTL,
+            tls_root_certificate: None,
         }
     }
 
@@ -106,6 +110,12 @@ impl RedisConfig {
     /// Sets [`alive_ttl`](Self::alive_ttl).
     pub fn with_alive_ttl(mut self, alive_ttl: Duration) -> Self {
         self.alive_ttl = alive_ttl;
+        self
+    }
+
+    /// Sets [`tls_root_certificate`](Self::tls_root_certificate).
+    pub fn with_tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_root_certificate = Some(pem.into());
         self
     }
 }

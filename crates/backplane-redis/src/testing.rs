@@ -6,6 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -18,7 +19,92 @@ const READY_BOUND: Duration = Duration::from_secs(10);
 pub struct RedisServer {
     port: u16,
     password: Option<String>,
+    tls: Option<Tls>,
     child: Mutex<Option<Child>>,
+}
+
+/// The files of a TLS server: a private CA and a certificate for 127.0.0.1 signed by it.
+#[derive(Debug)]
+struct Tls {
+    dir: PathBuf,
+    ca: Vec<u8>,
+}
+
+impl Tls {
+    /// Makes a CA and a server certificate with the `openssl` command.
+    fn generate(port: u16) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "switchboard-redis-tls-{}-{port}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).expect("a directory for the certificates");
+        let run = |args: &[&str]| {
+            let status = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run openssl (install Debian's openssl): {e}"));
+            assert!(status.success(), "openssl {args:?} failed");
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=switchboard test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n")
+            .expect("writes the extension file");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ]);
+        let ca = std::fs::read(dir.join("ca.crt")).expect("reads the CA certificate");
+        Self { dir, ca }
+    }
+
+    fn file(&self, name: &str) -> String {
+        path_text(&self.dir.join(name))
+    }
+}
+
+fn path_text(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
 }
 
 impl RedisServer {
@@ -40,14 +126,36 @@ impl RedisServer {
         Self::launch(Some(password.to_owned()))
     }
 
-    fn launch(password: Option<String>) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .map(|addr| addr.port())
-            .expect("a free local port");
+    /// As [`start`](Self::start), serving TLS only (with a fresh private CA, see
+    /// [`tls_root_certificate`](Self::tls_root_certificate)); [`url`](Self::url) is
+    /// `rediss://…`.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start), and when `openssl` cannot make the certificates.
+    pub fn start_tls() -> Self {
+        let port = free_port();
         let server = Self {
             port,
+            password: None,
+            tls: Some(Tls::generate(port)),
+            child: Mutex::new(None),
+        };
+        server.spawn();
+        server
+    }
+
+    /// The PEM certificate of the CA a [`start_tls`](Self::start_tls) server's certificate
+    /// is signed by.
+    pub fn tls_root_certificate(&self) -> Option<Vec<u8>> {
+        self.tls.as_ref().map(|tls| tls.ca.clone())
+    }
+
+    fn launch(password: Option<String>) -> Self {
+        let server = Self {
+            port: free_port(),
             password,
+            tls: None,
             child: Mutex::new(None),
         };
         server.spawn();
@@ -60,9 +168,23 @@ impl RedisServer {
 
     fn spawn(&self) {
         let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.arg("--port").arg(self.port.to_string()),
+            Some(tls) => command
+                .arg("--port")
+                .arg("0")
+                .arg("--tls-port")
+                .arg(self.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(tls.file("server.crt"))
+                .arg("--tls-key-file")
+                .arg(tls.file("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(tls.file("ca.crt"))
+                .arg("--tls-auth-clients")
+                .arg("no"),
+        };
         command
-            .arg("--port")
-            .arg(self.port.to_string())
             .arg("--bind")
             .arg("127.0.0.1")
             .arg("--save")
@@ -107,6 +229,10 @@ impl RedisServer {
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
+        if self.tls.is_some() {
+            // Redis listens once it is ready; the handshake is the client's to test.
+            return true;
+        }
         let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
         if stream.write_all(b"PING\r\n").is_err() {
             return false;
@@ -121,8 +247,12 @@ impl RedisServer {
         }
     }
 
-    /// `redis://127.0.0.1:{port}/`, with the password when there is one.
+    /// `redis://127.0.0.1:{port}/`, with the password when there is one
+    /// (`rediss://…` for a TLS server).
     pub fn url(&self) -> String {
+        if self.tls.is_some() {
+            return format!("rediss://127.0.0.1:{}/", self.port);
+        }
         match &self.password {
             Some(password) => format!("redis://:{password}@127.0.0.1:{}/", self.port),
             None => format!("redis://127.0.0.1:{}/", self.port),
@@ -159,7 +289,7 @@ impl RedisServer {
     ///
     /// When the server cannot be reached or refuses the command.
     pub async fn command(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
-        let client = redis::Client::open(self.url())?;
+        let client = self.client()?;
         let mut conn = client.get_multiplexed_async_connection().await?;
         let mut cmd = redis::cmd(args.first().copied().unwrap_or("PING"));
         for arg in args.iter().skip(1) {
@@ -175,7 +305,7 @@ impl RedisServer {
     ///
     /// When the server cannot be reached.
     pub async fn keys_under(&self, prefix: &str) -> redis::RedisResult<Vec<String>> {
-        let client = redis::Client::open(self.url())?;
+        let client = self.client()?;
         let mut conn = client.get_multiplexed_async_connection().await?;
         let mut cursor: u64 = 0;
         let mut keys = Vec::new();
@@ -209,7 +339,7 @@ impl RedisServer {
         if keys.is_empty() {
             return Ok(());
         }
-        let client = redis::Client::open(self.url())?;
+        let client = self.client()?;
         let mut conn = client.get_multiplexed_async_connection().await?;
         for chunk in keys.chunks(500) {
             redis::cmd("DEL")
@@ -221,8 +351,33 @@ impl RedisServer {
     }
 }
 
+impl RedisServer {
+    fn client(&self) -> redis::RedisResult<redis::Client> {
+        match &self.tls {
+            None => redis::Client::open(self.url()),
+            Some(tls) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(tls.ca.clone()),
+                },
+            ),
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free local port")
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        if let Some(tls) = &self.tls {
+            let _ = std::fs::remove_dir_all(&tls.dir);
+        }
     }
 }

@@ -247,3 +247,34 @@ async fn a_slow_redis_bounds_publish_latency() {
     );
     plane.stop().await;
 }
+
+/// `rediss://` works against a TLS-only Redis whose certificate a private CA signed, and a
+/// client that does not trust that CA cannot connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_urls_speak_tls() {
+    let server = RedisServer::start_tls();
+    let ca = server
+        .tls_root_certificate()
+        .expect("a TLS server has a CA");
+    let config = RedisConfig::new(server.url())
+        .with_channel_names(namespace("t"))
+        .with_tls_root_certificate(ca);
+    let (plane, inbox) = started(config, "tls").await;
+    let me = node("tls");
+    let reach = plane
+        .publish(&to_self(&me, 1, "over TLS"))
+        .await
+        .expect("publishes over TLS");
+    assert_eq!(reach.nodes, Some(1));
+    inbox.wait_for(1).await;
+    assert_eq!(plane.health(), Health::Up);
+    plane.stop().await;
+
+    // Without the CA, the system's roots do not vouch for the certificate.
+    let untrusting = RedisConfig::new(server.url())
+        .with_command_timeout(Duration::from_millis(500))
+        .with_buffer_age(Duration::from_millis(500));
+    let (plane, _inbox) = started(untrusting, "tls-untrusting").await;
+    assert!(matches!(plane.health(), Health::Down(_)));
+    plane.stop().await;
+}
