@@ -33,7 +33,9 @@ const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// Most outbox entries sent in one pipeline.
 const MAX_BATCH: usize = 256;
 /// Most inbox entries read by one `XREAD`.
-const READ_COUNT: usize = 256;
+const READ_COUNT: usize = 64;
+/// Most encoded bytes sent in one pipeline (a batch holds at least one entry, however large).
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// How many writers a reader remembers for dropping duplicates.
 const MAX_WRITERS_REMEMBERED: usize = 4096;
 
@@ -503,6 +505,7 @@ impl Writer {
         let mut started = Some(started);
         let mut first = Some(first);
         let mut backoff = Backoff::new();
+        let mut refused = false;
         let settle = RECONNECT_MAX_DELAY + self.shared.config.command_timeout;
         loop {
             if self.shared.stopped() {
@@ -512,9 +515,12 @@ impl Writer {
                 Ok(registered) => registered,
                 Err(error) => {
                     let fatal = error.fatal;
-                    if fatal {
+                    if fatal && !refused {
+                        // Once per refusal, not per attempt: the credentials may be fixed
+                        // on the Redis side, so the writer keeps trying.
                         tracing::error!(error = %error.message, "the Redis backplane cannot log in");
                     }
+                    refused = fatal;
                     self.shared.link_down(Link::Writer, error.message.clone());
                     if let Some(tx) = started.take() {
                         let _ = tx.send(Err(error));
@@ -594,7 +600,15 @@ impl Writer {
             self.shared.expire();
             let batch: Vec<Entry> = {
                 let mut outbox = self.shared.outbox();
-                let n = outbox.queue.len().min(MAX_BATCH);
+                let mut n = 0;
+                let mut bytes = 0;
+                for entry in outbox.queue.iter().take(MAX_BATCH) {
+                    if n > 0 && bytes + entry.bytes > MAX_BATCH_BYTES {
+                        break;
+                    }
+                    n += 1;
+                    bytes += entry.bytes;
+                }
                 outbox.queue.drain(..n).collect()
             };
             if batch.is_empty() {

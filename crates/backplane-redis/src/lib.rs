@@ -53,6 +53,13 @@
 //! longer than `command_timeout` counts as a lost link, so a slow Redis bounds a publication
 //! to about `buffer_age + command_timeout`.
 //!
+//! # URLs
+//!
+//! `redis://host:port/db`, `redis://user:password@host:port/db` (`AUTH` with a user, or
+//! `redis://:password@…` for the default user) and `rediss://…` for TLS (rustls with the
+//! `ring` provider; the system's roots unless
+//! [`RedisConfig::with_tls_root_certificate`] names a private CA).
+//!
 //! `start` tries to connect once. If Redis refuses the credentials in the URL, `start` fails
 //! with a permanent [`BackplaneError::Backend`](switchboard_core::BackplaneError::Backend).
 //! If Redis cannot be reached, `start` succeeds and the links connect in the background,
