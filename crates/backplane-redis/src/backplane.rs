@@ -257,7 +257,9 @@ impl Shared {
         let age = self.config.buffer_age;
         for entry in expired {
             let _ = entry.answer.send(Err(BackplaneError::Backlogged {
-                message: format!("Redis was not reachable within the buffer age of {age:?}"),
+                message: format!(
+                    "not sent within the buffer age of {age:?}: Redis is unreachable or too slow"
+                ),
             }));
         }
     }
@@ -324,7 +326,7 @@ impl Shared {
             .await
     }
 
-    /// Runs `epoch_script`: the current epoch, created if missing.
+    /// Runs [`EPOCH_SCRIPT`]: the current epoch, created if missing.
     async fn epoch(&self, conn: &mut MultiplexedConnection) -> Result<String, RedisError> {
         let fresh = format!("{:016x}", rand::random::<u64>());
         redis::cmd("EVAL")
