@@ -239,12 +239,15 @@ async fn a_slow_redis_bounds_publish_latency() {
     })
     .await
     .expect("publications succeed after the pause");
-    inbox.wait_for(1).await;
-    assert!(
-        inbox.texts().iter().all(|t| t == "resumed"),
-        "{:?}",
-        inbox.texts()
-    );
+    // The refused publication may still arrive (Redis may run it once the pause ends; see
+    // the crate documentation); the one that succeeded must.
+    tokio::time::timeout(WAIT, async {
+        while !inbox.texts().iter().any(|t| t == "resumed") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the publication after the pause arrives");
     plane.stop().await;
 }
 
