@@ -795,8 +795,36 @@ struct Reader {
     shared: Arc<Shared>,
     inbox_key: String,
     inbox: Arc<dyn Inbox>,
-    /// The highest writer sequence seen per writer token.
-    seen: HashMap<String, u64>,
+    seen: Seen,
+}
+
+/// The highest writer sequence seen per writer token: a writer sends in sequence order and
+/// resends a failed batch in the same order, so anything at or below it is a copy.
+#[derive(Default)]
+struct Seen {
+    last: HashMap<String, u64>,
+}
+
+impl Seen {
+    /// Whether entry `seq` of `writer` is new (and remembers it).
+    fn first_time(&mut self, writer: &str, seq: u64) -> bool {
+        match self.last.get_mut(writer) {
+            Some(last) if seq <= *last => false,
+            Some(last) => {
+                *last = seq;
+                true
+            }
+            None => {
+                if self.last.len() >= MAX_WRITERS_REMEMBERED {
+                    // Writers come and go with their endpoints; forgetting them all at once
+                    // keeps this bounded, and only a copy in flight right now could slip by.
+                    self.last.clear();
+                }
+                self.last.insert(writer.to_owned(), seq);
+                true
+            }
+        }
+    }
 }
 
 /// One `XREAD` reply: per stream, its entries as (id, fields and values).
@@ -937,17 +965,10 @@ impl Reader {
             tracing::warn!(inbox = %self.inbox_key, "an inbox entry without a message was skipped");
             return None;
         };
-        if let (Some(writer), Some(seq)) = (writer, seq) {
-            match self.seen.get_mut(writer) {
-                Some(last) if seq <= *last => return None,
-                Some(last) => *last = seq,
-                None => {
-                    if self.seen.len() >= MAX_WRITERS_REMEMBERED {
-                        self.seen.clear();
-                    }
-                    self.seen.insert(writer.to_owned(), seq);
-                }
-            }
+        if let (Some(writer), Some(seq)) = (writer, seq)
+            && !self.seen.first_time(writer, seq)
+        {
+            return None;
         }
         match Message::decode(Bytes::copy_from_slice(bytes)) {
             Ok(message) => Some(message),
@@ -1218,7 +1239,7 @@ impl Backplane for RedisBackplane {
                 shared: Arc::clone(&self.shared),
                 inbox_key,
                 inbox,
-                seen: HashMap::new(),
+                seen: Seen::default(),
             };
             *phase = Phase::Running(Running {
                 node: node.clone(),
@@ -1317,6 +1338,22 @@ impl Backplane for RedisBackplane {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_from_a_resent_batch_are_dropped() {
+        let mut seen = Seen::default();
+        assert!(seen.first_time("w1", 1));
+        assert!(seen.first_time("w1", 2));
+        assert!(seen.first_time("w2", 1), "writers are told apart");
+        assert!(!seen.first_time("w1", 1));
+        assert!(!seen.first_time("w1", 2));
+        assert!(seen.first_time("w1", 5), "gaps are entries for other nodes");
+        assert!(!seen.first_time("w1", 3));
+        for w in 0..MAX_WRITERS_REMEMBERED + 1 {
+            assert!(seen.first_time(&format!("x{w}"), 1));
+        }
+        assert!(seen.last.len() <= MAX_WRITERS_REMEMBERED);
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap_with_jitter() {
