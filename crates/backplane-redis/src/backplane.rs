@@ -24,7 +24,7 @@ use crate::{RedisBackplaneError, RedisConfig};
 /// First reconnect delay.
 pub(crate) const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
 /// Longest reconnect delay, jitter included.
-pub(crate) const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
+pub(crate) const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 /// How long the reader's `XREAD` blocks when nothing arrives.
 pub(crate) const READ_BLOCK: Duration = Duration::from_secs(1);
 /// How often an idle writer checks its link, so it notices a lost Redis (and registers
@@ -38,6 +38,13 @@ const READ_COUNT: usize = 64;
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// How many writers a reader remembers for dropping duplicates.
 const MAX_WRITERS_REMEMBERED: usize = 4096;
+
+/// How the settle period after a Redis restart ended.
+enum Settled {
+    Done,
+    Stopped,
+    Lost(String),
+}
 
 /// Publishes to one node's inbox if that node is alive.
 ///
@@ -160,6 +167,7 @@ struct Entry {
     answer: oneshot::Sender<Result<Reach, BackplaneError>>,
 }
 
+#[derive(Clone)]
 enum Op {
     Node { inbox: String, message: Bytes },
     Channel { members: String, message: Bytes },
@@ -444,7 +452,21 @@ struct Writer {
     /// Members keys this node belongs to, re-added after every reconnect.
     subscriptions: BTreeSet<String>,
     epoch: Option<String>,
+    /// Publications written in the last [`RESEND_WINDOW`], oldest first: when Redis loses
+    /// its data, those its receivers had not read yet are gone with it, so they are written
+    /// again (receivers drop the copies they already had, by writer token and sequence).
+    recent: VecDeque<(Instant, Op, u64)>,
 }
+
+/// Beyond one reconnect delay, how long a node waits after a Redis restart for the others to
+/// register again.
+const SETTLE_MARGIN: Duration = Duration::from_secs(1);
+
+/// How far back a restart that lost Redis's data makes a node write its publications again.
+const RESEND_WINDOW: Duration = Duration::from_secs(2);
+
+/// Most publications kept for writing again.
+const RESEND_MAX: usize = 10_000;
 
 impl Writer {
     /// Connects and registers this node: epoch, scripts, alive key, subscriptions.
@@ -508,7 +530,7 @@ impl Writer {
         let mut first = Some(first);
         let mut backoff = Backoff::new();
         let mut refused = false;
-        let settle = RECONNECT_MAX_DELAY + self.shared.config.command_timeout;
+        let settle = RECONNECT_MAX_DELAY + SETTLE_MARGIN;
         loop {
             if self.shared.stopped() {
                 break;
@@ -542,9 +564,21 @@ impl Writer {
                 let _ = tx.send(Ok(()));
             }
             if restarted {
+                self.resend_recent();
                 // The other nodes re-register within one reconnect delay plus one command.
-                if !self.shared.wait_expiring(Instant::now() + settle).await {
-                    break;
+                // Meanwhile this node stays alive for them: its alive key may be shorter
+                // than the settle period.
+                match self.settle(&mut conn, settle).await {
+                    Settled::Done => {}
+                    Settled::Stopped => break,
+                    Settled::Lost(reason) => {
+                        self.shared.link_down(Link::Writer, reason);
+                        let until = Instant::now() + backoff.next();
+                        if !self.shared.wait_expiring(until).await {
+                            break;
+                        }
+                        continue;
+                    }
                 }
             }
             self.shared.link_up(Link::Writer);
@@ -559,6 +593,81 @@ impl Writer {
         }
         self.shared.fail_all();
         self.subscriptions
+    }
+
+    /// Keeps a written publication for [`RESEND_WINDOW`].
+    fn remember(&mut self, entry: &Entry) {
+        let now = Instant::now();
+        while self
+            .recent
+            .front()
+            .is_some_and(|(at, _, _)| now.duration_since(*at) > RESEND_WINDOW)
+            || self.recent.len() >= RESEND_MAX
+        {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((now, entry.op.clone(), entry.seq));
+    }
+
+    /// Puts the publications of the last [`RESEND_WINDOW`] back at the front of the outbox,
+    /// in their order, with their sequence numbers (nobody waits for their answer).
+    fn resend_recent(&mut self) {
+        let now = Instant::now();
+        let recent: Vec<(Instant, Op, u64)> = self.recent.drain(..).collect();
+        let mut outbox = self.shared.outbox();
+        let deadline = now + self.shared.config.buffer_age;
+        let mut again = 0usize;
+        for (at, op, seq) in recent.into_iter().rev() {
+            if now.duration_since(at) > RESEND_WINDOW {
+                continue;
+            }
+            let (answer, _) = oneshot::channel();
+            outbox.messages += 1;
+            outbox.queue.push_front(Entry {
+                op,
+                bytes: 0,
+                seq,
+                deadline,
+                answer,
+            });
+            again += 1;
+        }
+        drop(outbox);
+        if again > 0 {
+            tracing::debug!(
+                publications = again,
+                "writing the latest publications again after Redis lost its data"
+            );
+        }
+    }
+
+    /// Waits `settle` after a Redis restart, refreshing the alive key as the outbox loop does.
+    async fn settle(&mut self, conn: &mut MultiplexedConnection, settle: Duration) -> Settled {
+        let refresh_every = self.shared.config.alive_ttl / 3;
+        let until = Instant::now() + settle;
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return Settled::Done;
+            }
+            if !self
+                .shared
+                .wait_expiring(now + (until - now).min(refresh_every))
+                .await
+            {
+                return Settled::Stopped;
+            }
+            let refreshed: Result<(), RedisError> = redis::cmd("SET")
+                .arg(&self.alive)
+                .arg("1")
+                .arg("PX")
+                .arg(millis(self.shared.config.alive_ttl))
+                .query_async(conn)
+                .await;
+            if let Err(e) = refreshed {
+                return Settled::Lost(format!("refreshing the alive key: {e}"));
+            }
+        }
     }
 
     /// Sends the outbox and refreshes the alive key until the link fails or the endpoint
@@ -716,6 +825,9 @@ impl Writer {
             }
             match result {
                 Ok(value) => {
+                    if matches!(entry.op, Op::Node { .. } | Op::Channel { .. }) {
+                        self.remember(&entry);
+                    }
                     let reach = match &entry.op {
                         Op::Node { .. } | Op::Channel { .. } => match value {
                             Value::Int(n) => Ok(Reach::nodes(u64::try_from(n).unwrap_or(0))),
@@ -1234,6 +1346,7 @@ impl Backplane for RedisBackplane {
                 inbox: inbox_key.clone(),
                 subscriptions: BTreeSet::new(),
                 epoch: None,
+                recent: VecDeque::new(),
             };
             let reader = Reader {
                 shared: Arc::clone(&self.shared),

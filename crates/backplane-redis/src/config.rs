@@ -41,7 +41,7 @@ impl RedisConfig {
     /// Default [`buffer_bytes`](Self::buffer_bytes): 16 MiB.
     pub const DEFAULT_BUFFER_BYTES: usize = 16 * 1024 * 1024;
     /// Default [`buffer_age`](Self::buffer_age).
-    pub const DEFAULT_BUFFER_AGE: Duration = Duration::from_secs(5);
+    pub const DEFAULT_BUFFER_AGE: Duration = Duration::from_secs(10);
     /// Default [`command_timeout`](Self::command_timeout).
     pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
     /// Default [`stream_max_len`](Self::stream_max_len).

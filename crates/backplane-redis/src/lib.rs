@@ -46,7 +46,7 @@
 //! full fails at once with [`BackplaneError::Backlogged`](switchboard_core::BackplaneError::Backlogged);
 //! one still waiting after `buffer_age` fails with `Backlogged` too. Both are transient, and
 //! nothing is dropped without its caller being told. Each link reconnects with exponential
-//! backoff (100 ms doubling to 2 s, with jitter). The first link to fail logs one warning;
+//! backoff (100 ms doubling to 1 s, with jitter). The first link to fail logs one warning;
 //! one info follows when both are back. [`health`](switchboard_core::Backplane::health) is
 //! down while either link is. After every reconnect the writer registers the node again
 //! (alive key and every membership it holds) before it sends anything. A command that takes
@@ -69,11 +69,15 @@
 //!
 //! A Redis restarted without its data has lost the inboxes, member sets and alive keys. The
 //! epoch key tells: after a reconnect the writer registers again and then waits a settle
-//! period (the longest reconnect delay, 2 s, plus one `command_timeout`) before sending the
-//! outbox, so the other nodes have registered again too; the reader reads its recreated
-//! inbox from the start. What can still be lost:
+//! period (the longest reconnect delay, 1 s, plus 1 s) before sending the outbox, so the other
+//! nodes have registered again too, keeping its alive key fresh meanwhile; the reader reads
+//! its recreated inbox from the start. Entries written to an inbox but not yet read when Redis
+//! lost them are not lost either: every writer keeps what it published in the last 2 s and
+//! writes it again after the settle period, with the same writer sequence numbers, so a
+//! receiver drops the copies it had already read. What can still be lost:
 //!
-//! * entries written to an inbox but not yet read by its node when Redis lost them;
+//! * publications older than those 2 s that their receiver had not read when Redis lost its
+//!   data (a receiver that was far behind);
 //! * messages for a node that takes longer than the settle period to register again (they
 //!   find no alive key or no membership: reach 0 or fewer nodes);
 //! * publications that waited longer than `buffer_age` (their callers got `Backlogged`).

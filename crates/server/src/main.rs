@@ -96,7 +96,7 @@ struct ServeArgs {
     backplane_buffer_bytes: usize,
     /// Seconds a message for other nodes may wait for the broker; then its sender is told it
     /// could not be delivered.
-    #[arg(long, env = "SWITCHBOARD_BACKPLANE_BUFFER_AGE", default_value_t = 5.0)]
+    #[arg(long, env = "SWITCHBOARD_BACKPLANE_BUFFER_AGE", default_value_t = 10.0)]
     backplane_buffer_age: f64,
     /// Directory with the SignalR browser client, served under /vendor/.
     #[arg(
