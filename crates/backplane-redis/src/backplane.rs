@@ -657,17 +657,22 @@ impl Writer {
             {
                 return Settled::Stopped;
             }
-            let refreshed: Result<(), RedisError> = redis::cmd("SET")
-                .arg(&self.alive)
-                .arg("1")
-                .arg("PX")
-                .arg(millis(self.shared.config.alive_ttl))
-                .query_async(conn)
-                .await;
-            if let Err(e) = refreshed {
-                return Settled::Lost(format!("refreshing the alive key: {e}"));
+            if let Err(reason) = self.refresh_alive(conn).await {
+                return Settled::Lost(reason);
             }
         }
+    }
+
+    /// Sets this node's alive key for another `alive_ttl`.
+    async fn refresh_alive(&self, conn: &mut MultiplexedConnection) -> Result<(), String> {
+        let refreshed: Result<(), RedisError> = redis::cmd("SET")
+            .arg(&self.alive)
+            .arg("1")
+            .arg("PX")
+            .arg(millis(self.shared.config.alive_ttl))
+            .query_async(conn)
+            .await;
+        refreshed.map_err(|e| format!("refreshing the alive key: {e}"))
     }
 
     /// Sends the outbox and refreshes the alive key until the link fails or the endpoint
@@ -683,15 +688,8 @@ impl Writer {
                 return Served::Stopped;
             }
             if Instant::now() >= next_refresh {
-                let refreshed: Result<(), RedisError> = redis::cmd("SET")
-                    .arg(&self.alive)
-                    .arg("1")
-                    .arg("PX")
-                    .arg(millis(self.shared.config.alive_ttl))
-                    .query_async(conn)
-                    .await;
-                if let Err(e) = refreshed {
-                    return Served::Lost(format!("refreshing the alive key: {e}"));
+                if let Err(reason) = self.refresh_alive(conn).await {
+                    return Served::Lost(reason);
                 }
                 next_refresh = Instant::now() + refresh_every;
             }
