@@ -1,7 +1,7 @@
 //! SQLite-specific behaviour: records outlive a crashed process and are swept after its lease
 //! expires; `users` stays exact under concurrency.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use switchboard_core::testkit::{conn, node, record, unique_namespace, user};
@@ -14,9 +14,9 @@ fn db_path() -> PathBuf {
     dir.join(format!("{}.db", unique_namespace()))
 }
 
-fn remove_db(path: &PathBuf) {
+fn remove_db(path: &Path) {
     for suffix in ["", "-wal", "-shm"] {
-        let mut p = path.clone().into_os_string();
+        let mut p = path.as_os_str().to_owned();
         p.push(suffix);
         let _ = std::fs::remove_file(p);
     }

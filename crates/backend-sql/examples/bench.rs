@@ -1,0 +1,141 @@
+//! Add+remove pairs per second and lookup latency: SQLite (file, WAL), PostgreSQL (a
+//! throwaway local server) and the in-memory store, with 64 concurrent tasks.
+//!
+//! ```text
+//! cargo run --release -p switchboard-sql --example bench -- [pairs-per-task] [tasks]
+//! ```
+//!
+//! `SWITCHBOARD_BENCH_PG_URL` benchmarks an existing PostgreSQL instead of starting one;
+//! `SWITCHBOARD_BENCH_PG_DURABLE=1` starts it with `fsync` and `synchronous_commit` on and
+//! opens the store with synchronous commits.
+#![allow(clippy::print_stdout, missing_docs)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use switchboard_core::testkit::{conn, record, user};
+use switchboard_core::{ConnectionStore, PageRequest};
+use switchboard_memory::MemoryStore;
+use switchboard_sql::{SqlConfig, SqlStore};
+use switchboard_testkit_postgres::PostgresServer;
+
+async fn pairs(store: Arc<dyn ConnectionStore>, per_task: usize, tasks: usize) -> f64 {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..per_task {
+                    let id = format!("p{t}x{i}");
+                    let name = format!("user{}", (t * 31 + i) % 1000);
+                    store.add(record(&id, &name, "bench")).await.expect("add");
+                    let _ = store
+                        .remove(&user(&name), &conn(&id))
+                        .await
+                        .expect("remove");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.expect("task");
+    }
+    (per_task * tasks) as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn lookups(store: Arc<dyn ConnectionStore>) -> (Duration, Duration, Duration) {
+    for u in 0..1000 {
+        for c in 0..2 {
+            store
+                .add(record(&format!("l{u}x{c}"), &format!("user{u}"), "bench"))
+                .await
+                .expect("add");
+        }
+    }
+    let mut samples = Vec::with_capacity(5000);
+    for i in 0..5000 {
+        let u = user(&format!("user{}", (i * 7) % 1000));
+        let started = Instant::now();
+        let found = store.connections(&u).await.expect("lookup");
+        samples.push(started.elapsed());
+        assert_eq!(found.len(), 2);
+    }
+    let started = Instant::now();
+    let page = store.users(PageRequest::first(100)).await.expect("users");
+    let page_time = started.elapsed();
+    assert_eq!(page.users.len(), 100);
+    samples.sort_unstable();
+    (
+        samples[samples.len() / 2],
+        samples[samples.len() * 99 / 100],
+        page_time,
+    )
+}
+
+async fn run(name: &str, store: Arc<dyn ConnectionStore>, per_task: usize, tasks: usize) {
+    // Warm up the pools and statement caches.
+    let _ = pairs(store.clone(), 10, tasks).await;
+    let rate = pairs(store.clone(), per_task, tasks).await;
+    let (p50, p99, page) = lookups(store).await;
+    println!(
+        "{name:<28} {rate:>10.0} pairs/s   lookup p50 {p50:>9.1?} p99 {p99:>9.1?}   users page(100) {page:>9.1?}"
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let per_task: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
+    let tasks: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(64);
+    println!(
+        "{tasks} tasks x {per_task} add+remove pairs each; lookups: one task, 1000 users x 2 connections"
+    );
+
+    run("memory", Arc::new(MemoryStore::new()), per_task, tasks).await;
+
+    let dir = std::env::temp_dir().join(format!("switchboard-sql-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("bench directory");
+    let sqlite = SqlStore::open(SqlConfig::new(format!(
+        "sqlite://{}",
+        dir.join("bench.db").display()
+    )))
+    .await
+    .expect("open SQLite");
+    run(
+        "sqlite (file, WAL, NORMAL)",
+        Arc::new(sqlite.clone()),
+        per_task,
+        tasks,
+    )
+    .await;
+    sqlite.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let durable = std::env::var_os("SWITCHBOARD_BENCH_PG_DURABLE").is_some();
+    let (_server, url) = match std::env::var("SWITCHBOARD_BENCH_PG_URL") {
+        Ok(url) => (None, url),
+        Err(_) => {
+            let server = if durable {
+                PostgresServer::start_with(&[("fsync", "on"), ("synchronous_commit", "on")])
+            } else {
+                PostgresServer::start()
+            };
+            let url = server.url();
+            (Some(server), url)
+        }
+    };
+    let pg = SqlStore::open(
+        SqlConfig::new(url)
+            .with_schema(format!("bench{}", std::process::id()))
+            .with_synchronous_commit(durable),
+    )
+    .await
+    .expect("open PostgreSQL");
+    let label = if durable {
+        "postgres (durable)"
+    } else {
+        "postgres (async commit)"
+    };
+    run(label, Arc::new(pg.clone()), per_task, tasks).await;
+    pg.close().await;
+}
