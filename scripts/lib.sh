@@ -130,3 +130,75 @@ stop_pid() {
   if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
   wait "$pid" 2>/dev/null || true
 }
+
+# PostgreSQL's server binaries directory (newest version under /usr/lib/postgresql).
+pg_bin_dir() {
+  local dir
+  for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k4 -n -r); do
+    if [ -x "$dir/postgres" ] && [ -x "$dir/initdb" ]; then
+      printf '%s\n' "$dir"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# PostgreSQL's server binaries, from Debian's postgresql package when missing.
+# Only the binaries are used: the tests initialise their own clusters in
+# temporary directories on free loopback ports; a cluster the package may have
+# started is left alone.
+ensure_postgres() {
+  local dir
+  if dir="$(pg_bin_dir)"; then
+    info "$("$dir/postgres" --version)"
+    return
+  fi
+  section "Installing PostgreSQL"
+  apt_install postgresql
+  dir="$(pg_bin_dir)" || die "PostgreSQL's server binaries are still missing under /usr/lib/postgresql"
+  id postgres >/dev/null 2>&1 || die "the postgresql package did not create the postgres user"
+}
+
+# Runs a command as the postgres user when root (PostgreSQL refuses to run as
+# root), else as the current user.
+as_postgres() {
+  if [ "$(id -u)" -eq 0 ]; then
+    setpriv --reuid postgres --regid postgres --init-groups -- "$@"
+  else
+    "$@"
+  fi
+}
+
+# start_postgres VAR: initialises a cluster in a temporary directory, starts it
+# on a free loopback port (trust authentication, fsync off: the data is thrown
+# away), waits until it accepts connections, appends its PID to STARTED_PIDS
+# and its directory to TEMP_DIRS, and sets and exports VAR as its postgres://
+# URL. Not to be run in a subshell.
+start_postgres() {
+  local var="$1" bin dir port pid i
+  bin="$(pg_bin_dir)" || die "PostgreSQL is not installed"
+  dir="$(mktemp -d /tmp/switchboard-pg-XXXXXX)"
+  TEMP_DIRS+=("$dir")
+  chmod 755 "$dir"
+  if [ "$(id -u)" -eq 0 ]; then chown postgres:postgres "$dir"; fi
+  as_postgres "$bin/initdb" -D "$dir/data" -U postgres --auth=trust --no-sync -E UTF8 --locale=C \
+    >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; die "initdb failed"; }
+  port="$(free_port)"
+  as_postgres "$bin/postgres" -D "$dir/data" -p "$port" -c listen_addresses=127.0.0.1 \
+    -c "unix_socket_directories=$dir" -c fsync=off -c max_connections=300 \
+    >"$dir/server.log" 2>&1 </dev/null &
+  pid=$!
+  STARTED_PIDS+=("$pid")
+  for i in $(seq 1 300); do
+    if "$bin/pg_isready" -q -h 127.0.0.1 -p "$port" -U postgres; then
+      info "PostgreSQL (PID $pid) on 127.0.0.1:$port"
+      printf -v "$var" 'postgres://postgres@127.0.0.1:%s/postgres' "$port"
+      export "${var?}"
+      return 0
+    fi
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  tail -n 20 "$dir/server.log" >&2
+  die "PostgreSQL did not accept connections on port $port"
+}

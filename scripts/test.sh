@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The project's test command: installs what is missing, runs the Rust checks
 # and tests, builds the server, and runs the end-to-end tests (official
-# SignalR Node client and headless Chromium) against it. Redis comes from
-# Debian's redis-server package when missing; only its binaries are used:
-# every Redis the tests need is started here (or by the test file itself)
-# on a free loopback port, without persistence, and stopped again.
+# SignalR Node client and headless Chromium) against it. Redis and
+# PostgreSQL come from Debian's redis-server and postgresql packages when
+# missing; only their binaries are used: every Redis and PostgreSQL the tests
+# need is started here (or by the test itself) on a free loopback port, with
+# its data in a temporary directory (PostgreSQL as the postgres user when
+# root), and stopped again.
 #
 #   bash scripts/test.sh
 #
 # Environment:
 #   SWITCHBOARD_BIN   server binary for the end-to-end tests, with the groups
-#                     store and the Redis backplane (default features)
+#                     and sql stores and both backplanes (default features)
 #                     (default: target/debug/switchboard, built here)
 #   CHROMIUM_PATH     Chromium for the browser tests (default: /usr/bin/chromium)
 #   SKIP_RUST=1       skip fmt, clippy and cargo test (still builds the binary)
@@ -24,6 +26,7 @@ cd "$REPO_ROOT"
 # Processes started by this script, stopped on exit whatever happens.
 STARTED_PIDS=()
 TEMP_FILES=()
+TEMP_DIRS=()
 cleanup() {
   local status=$?
   rm -f "${TEMP_FILES[@]}"
@@ -33,6 +36,7 @@ cleanup() {
       wait "$pid" 2>/dev/null || true
     fi
   done
+  if ((${#TEMP_DIRS[@]})); then rm -rf "${TEMP_DIRS[@]}"; fi
   exit "$status"
 }
 trap cleanup EXIT
@@ -71,7 +75,7 @@ build_server() {
     [ -x "$SWITCHBOARD_BIN" ] || die "SWITCHBOARD_BIN=$SWITCHBOARD_BIN is not an executable"
     return
   fi
-  # The default features include the groups store and the Redis backplane.
+  # The default features include the groups and sql stores and both backplanes.
   section "cargo build -p switchboard --bin switchboard"
   cargo build -p switchboard --bin switchboard
   SWITCHBOARD_BIN="$REPO_ROOT/target/debug/switchboard"
@@ -125,9 +129,10 @@ check_run_command() {
 
 # Store and backplane pairs the end-to-end suite runs against: the whole suite
 # on the first (multinode.test.mjs among it, which starts its own Redis and
-# three nodes whatever the target), the official-client interop tests on the
-# others. A target whose backplane is redis gets a redis-server of its own.
-E2E_TARGETS=("memory:none" "groups:redis")
+# three nodes per deployment whatever the target), the official-client
+# interop tests on the others. A target whose backplane is redis gets a
+# redis-server of its own; a sql target gets a PostgreSQL of its own.
+E2E_TARGETS=("memory:none" "groups:redis" "sql:postgres")
 
 run_js_tests() {
   local target status=0 first=1
@@ -147,13 +152,18 @@ run_js_suite() {
   local store="${1%%:*}" backplane="${1#*:}"
   shift
   section "End-to-end tests (store $store, backplane $backplane): node --test web/tests/"
-  local started=$SECONDS report status=0 args="" redis_pid=""
+  local started=$SECONDS report status=0 args="" redis_pid="" pg_pid=""
   report="$(mktemp)"
   TEMP_FILES+=("$report")
   if [ "$backplane" = redis ]; then
     start_redis E2E_REDIS_URL
     redis_pid="${STARTED_PIDS[-1]}"
     args="--redis-url $E2E_REDIS_URL"
+  fi
+  if [ "$store" = sql ]; then
+    start_postgres E2E_DATABASE_URL
+    pg_pid="${STARTED_PIDS[-1]}"
+    args="$args --database-url $E2E_DATABASE_URL"
   fi
   # One file at a time: each starts its own servers and browsers, and the
   # timings of the checks are steadier without them competing for the CPU.
@@ -163,6 +173,7 @@ run_js_suite() {
     --test-reporter=tap --test-reporter-destination="$report" \
     "$@" || status=$?
   if [ -n "$redis_pid" ]; then stop_pid "$redis_pid"; fi
+  if [ -n "$pg_pid" ]; then stop_pid "$pg_pid"; fi
   local passed failed cancelled
   passed="$(sed -n 's/^# pass \([0-9]*\)$/\1/p' "$report" | tail -n 1)"
   failed="$(sed -n 's/^# fail \([0-9]*\)$/\1/p' "$report" | tail -n 1)"
@@ -189,6 +200,7 @@ main() {
   ensure_chromium
   ensure_node_modules
   ensure_redis
+  ensure_postgres
   run_rust_checks
   build_server
   check_run_command

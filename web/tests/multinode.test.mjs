@@ -1,9 +1,12 @@
-// Three nodes sharing the groups store over the Redis backplane, with the
-// official @microsoft/signalr Node client: deliveries across nodes, a node
-// killed outright, and Redis restarted while messages are flowing.
+// Three nodes with the official @microsoft/signalr Node client: deliveries
+// across nodes, a node killed outright, and the broker restarted while
+// messages are flowing. Once per deployment that spans servers: the groups
+// store over Redis, the sql store on PostgreSQL over Redis, and the sql store
+// on PostgreSQL alone (its backplane in PostgreSQL too).
 //
-// Needs a server binary built with `--features groups,redis` and
-// `redis-server` on the PATH; it starts its own Redis on a free loopback port.
+// Needs a server binary with the groups and sql stores and both backplanes
+// (the default features), `redis-server` and PostgreSQL's server binaries;
+// it starts its own Redis and PostgreSQL on free loopback ports.
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import net from 'node:net';
@@ -23,6 +26,7 @@ import {
   waitUntil,
   withTimeout,
 } from './support.mjs';
+import { startPostgres } from './postgres.mjs';
 
 const TEST_TIMEOUT = 90_000;
 /** How long a killed node's users keep counting as online. */
@@ -108,12 +112,22 @@ async function startRedis(port) {
   return redis;
 }
 
-describe('three nodes, groups store, Redis backplane', { timeout: 300_000 }, () => {
+const DEPLOYMENTS = [
+  { name: 'groups store, Redis backplane', store: 'groups', backplane: 'redis', redis: true, postgres: false },
+  { name: 'sql store on PostgreSQL, Redis backplane', store: 'sql', backplane: 'redis', redis: true, postgres: true },
+  { name: 'sql store on PostgreSQL, PostgreSQL backplane', store: 'sql', backplane: 'postgres', redis: false, postgres: true },
+];
+
+for (const deployment of DEPLOYMENTS) scenario(deployment);
+
+function scenario(deployment) {
+describe(`three nodes, ${deployment.name}`, { timeout: 300_000 }, () => {
   const secret = newSecret();
   const nodes = [];
   const open = [];
   let redis;
   let redisPort;
+  let postgres;
   // Redis instances stopped during the tests, for their logs.
   const stoppedRedis = [];
   // alice on node 1 and node 2, bob on node 3, connected before the tests.
@@ -123,16 +137,24 @@ describe('three nodes, groups store, Redis backplane', { timeout: 300_000 }, () 
   let probes = 0;
 
   before(async () => {
-    const found = spawnSync('redis-server', ['--version'], { encoding: 'utf8' });
-    if (found.error) {
-      throw new Error(
-        `redis-server is not available (${found.error.message}): these tests start their own Redis; ` +
-          'install it (apt-get install -y redis-server) or run scripts/test.sh, which does',
-      );
+    const args = [];
+    if (deployment.redis) {
+      const found = spawnSync('redis-server', ['--version'], { encoding: 'utf8' });
+      if (found.error) {
+        throw new Error(
+          `redis-server is not available (${found.error.message}): these tests start their own Redis; ` +
+            'install it (apt-get install -y redis-server) or run scripts/test.sh, which does',
+        );
+      }
+      redisPort = await freePort();
+      redis = await startRedis(redisPort);
+      args.push('--redis-url', redis.url);
     }
-    redisPort = await freePort();
-    redis = await startRedis(redisPort);
-    const target = { store: 'groups', backplane: 'redis', args: ['--redis-url', redis.url] };
+    if (deployment.postgres) {
+      postgres = await startPostgres(await freePort());
+      args.push('--database-url', postgres.url);
+    }
+    const target = { store: deployment.store, backplane: deployment.backplane, args };
     for (let i = 0; i < 3; i++) {
       nodes.push(await startServer({ jwtSecret: secret, target, args: ['--node-lease', String(NODE_LEASE_SECONDS)] }));
     }
@@ -145,6 +167,7 @@ describe('three nodes, groups store, Redis backplane', { timeout: 300_000 }, () 
     await stopAll(open);
     await Promise.all(nodes.map((n) => n.stop()));
     await redis?.kill('SIGTERM').catch(() => redis.kill('SIGKILL'));
+    await postgres?.remove();
   });
 
   async function connectAs(node, user, label) {
@@ -186,6 +209,7 @@ describe('three nodes, groups store, Redis backplane', { timeout: 300_000 }, () 
     } catch (err) {
       for (const [i, n] of nodes.entries()) console.error(`--- node ${i + 1} (port ${n.port}) log ---\n${n.logs()}`);
       for (const r of [...stoppedRedis, redis].filter(Boolean)) console.error(`--- redis-server log ---\n${r.logs()}`);
+      if (postgres) console.error(`--- postgres log ---\n${postgres.logs()}`);
       throw err;
     }
   }
@@ -243,7 +267,7 @@ describe('three nodes, groups store, Redis backplane', { timeout: 300_000 }, () 
       assert.deepEqual(bob.inbox.messages, [], 'bob receives nothing else');
     }));
 
-  test('Redis restarted while bob streams to alice: every message arrives once and in order, and same-node delivery goes on during the outage', { timeout: TEST_TIMEOUT }, () =>
+  if (deployment.backplane === 'redis') test('Redis restarted while bob streams to alice: every message arrives once and in order, and same-node delivery goes on during the outage', { timeout: TEST_TIMEOUT }, () =>
     withLogs(async () => {
       // dave and erin both on node 1: erin's messages to dave never need Redis.
       const dave = await connectAs(0, 'dave', 'dave@node1');
@@ -305,4 +329,45 @@ describe('three nodes, groups store, Redis backplane', { timeout: 300_000 }, () 
       assert.equal(aliceOn1.connection.state, signalR.HubConnectionState.Connected, 'alice@node1 stayed connected');
       assert.equal(bob.connection.state, signalR.HubConnectionState.Connected, 'bob@node3 stayed connected');
     }));
+
+  if (deployment.backplane === 'postgres') test('PostgreSQL restarted while bob streams to alice: no send hangs, each is delivered once or answered with an error, and everything works again after', { timeout: TEST_TIMEOUT }, () =>
+    withLogs(async () => {
+      await waitReachable(bob, 'alice', [aliceOn1]);
+      bob.inbox.clear();
+      const COUNT = 100;
+      const invocations = [];
+      const streaming = (async () => {
+        for (let i = 1; i <= COUNT; i++) {
+          invocations.push(
+            invoke(bob, 'alice', `m ${i}`, 30_000).then(
+              () => null,
+              (err) => `m ${i}: ${err.message}`,
+            ),
+          );
+          await sleep(20);
+        }
+      })();
+      await waitUntil(() => chat(aliceOn1).length >= 20, 'the first 20 streamed messages at alice@node1', { timeoutMs: 20_000 });
+      await postgres.crash();
+      await sleep(1_000);
+      await postgres.start();
+      await withTimeout(streaming, 30_000, 'the stream of sends');
+      // Every invocation settles: none hangs on the database that went away.
+      const failures = (await withTimeout(Promise.all(invocations), 45_000, 'every streamed send to settle')).filter(Boolean);
+      await sleep(GRACE_MS);
+      const got = chat(aliceOn1);
+      const numbers = got.map((m) => Number(m.replace('bob: m ', '')));
+      assert.deepEqual(numbers, [...new Set(numbers)], 'no message arrives twice');
+      assert.deepEqual(numbers, [...numbers].sort((a, b) => a - b), 'messages arrive in order');
+      const answered = got.length + bob.inbox.errors.length + failures.length;
+      assert.ok(answered >= COUNT, `each send was delivered or answered with an error (${got.length} delivered, ${bob.inbox.errors.length} errors, ${failures.length} failed invocations)`);
+      for (const e of bob.inbox.errors) assert.match(e, /not connected|could not|try again|unavailable|store/i, 'errors say what happened');
+
+      // Once PostgreSQL is back, deliveries work again without restarting anything.
+      await waitReachable(bob, 'alice', [aliceOn1, aliceOn2]);
+      for (const i of [0, 1, 2]) assert.equal(nodes[i].process.exitCode, null, `node ${i + 1} kept running`);
+      assert.equal(aliceOn1.connection.state, signalR.HubConnectionState.Connected, 'alice@node1 stayed connected');
+      assert.equal(bob.connection.state, signalR.HubConnectionState.Connected, 'bob@node3 stayed connected');
+    }));
 });
+}

@@ -296,6 +296,25 @@ impl fmt::Debug for SqlStore {
 }
 
 impl SqlStore {
+    /// The capabilities of a store on a database that outlives the process: PostgreSQL, or
+    /// a SQLite file (shared by the processes of one machine). A `sqlite::memory:` store
+    /// shares nothing and survives nothing; its [`capabilities`](ConnectionStore::capabilities)
+    /// say so.
+    pub const CAPABILITIES: Capabilities = Capabilities {
+        strategy: STRATEGY,
+        shared_across_nodes: true,
+        spans_nodes_with_backplane: false,
+        lookup: true,
+        list_users: UserListing::Indexed,
+        survives_restart: true,
+        // Operations wait: for a network round trip (PostgreSQL), for file I/O on a worker
+        // thread (SQLite). Both fail transiently, in bounded time, when the database cannot
+        // be reached.
+        speed: Speed::Network,
+        orphan_cleanup: OrphanCleanup::LeaseSweep,
+        leases: true,
+    };
+
     /// Connects, creates the schema if missing and runs the migrations.
     ///
     /// # Errors
@@ -379,8 +398,11 @@ impl SqlStore {
                         .journal_mode(SqliteJournalMode::Wal)
                         .synchronous(SqliteSynchronous::Normal);
                 }
+                // No ping before each use: the database is a local file, and a ping is a
+                // round trip through the worker thread that costs as much as the operation.
                 let writer = SqlitePoolOptions::new()
                     .max_connections(1)
+                    .test_before_acquire(false)
                     .acquire_timeout(config.acquire_timeout);
                 if memory {
                     // Each connection to `:memory:` is its own database: one connection,
@@ -402,6 +424,7 @@ impl SqlStore {
                                 .pool_size
                                 .unwrap_or(SqlConfig::DEFAULT_SQLITE_READERS),
                         )
+                        .test_before_acquire(false)
                         .acquire_timeout(config.acquire_timeout);
                     Inner::Sqlite {
                         read: readers.connect_lazy_with(options.clone()),
@@ -426,9 +449,13 @@ impl SqlStore {
                         ("search_path", config.schema.as_str()),
                         ("synchronous_commit", commit),
                     ]);
+                // No ping before each use (it would double every operation's round trips):
+                // a connection that broke (the server restarted) fails its next statement with
+                // an I/O error, which is transient, and the pool drops it and opens a new one.
                 let pool = PgPoolOptions::new()
                     .max_connections(config.pool_size.unwrap_or(SqlConfig::DEFAULT_POOL_SIZE))
                     .min_connections(0)
+                    .test_before_acquire(false)
                     .acquire_timeout(config.acquire_timeout)
                     .connect_lazy_with(options);
                 Inner::Postgres {
@@ -710,21 +737,12 @@ impl ConnectionStore for SqlStore {
             Inner::Sqlite { file, .. } => *file,
             Inner::Postgres { .. } => true,
         };
+        // PostgreSQL: every node. SQLite: every process on this machine opening the same
+        // file sees the same records (an in-memory database: this instance only).
         Capabilities {
-            strategy: STRATEGY,
-            // PostgreSQL: every node. SQLite: every process on this machine opening the same
-            // file sees the same records (an in-memory database: this instance only).
             shared_across_nodes: file,
-            spans_nodes_with_backplane: false,
-            lookup: true,
-            list_users: UserListing::Indexed,
             survives_restart: file,
-            // Operations wait: for a network round trip (PostgreSQL), for file I/O on a worker
-            // thread (SQLite). Both fail transiently, in bounded time, when the database
-            // cannot be reached.
-            speed: Speed::Network,
-            orphan_cleanup: OrphanCleanup::LeaseSweep,
-            leases: true,
+            ..Self::CAPABILITIES
         }
     }
 

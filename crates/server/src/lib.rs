@@ -49,6 +49,7 @@
 //! | [`http`] | the HTTP server: timeouts and connection caps against slow or flooding clients |
 //! | [`config`] | [`HubOptions`] |
 //! | [`stores`] | the stores compiled into this build, by `--store` name |
+//! | [`operators`] | `switchboard users` and `switchboard connections`: the store read directly |
 
 pub mod app;
 pub mod auth;
@@ -61,6 +62,7 @@ pub mod http;
 pub mod hub;
 mod mailbox;
 mod maintenance;
+pub mod operators;
 pub mod protocol;
 mod registry;
 pub mod service;

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use switchboard::app::{self, AppOptions};
 use switchboard::auth::{Authenticator, JwtConfig};
 use switchboard::http::{self, HttpLimits};
-use switchboard::stores::{self, BackplaneKind, BackplaneSettings, StoreKind};
+use switchboard::stores::{self, BackplaneKind, BackplaneSettings, StoreKind, StoreSettings};
 use switchboard::{HubOptions, HubService, chat};
 use switchboard_core::Capabilities;
 use tracing_subscriber::EnvFilter;
@@ -29,13 +29,83 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Print the capability table of the stores compiled into this build (Markdown).
     Capabilities,
+    /// List the connected users, read from the configured store (stores that outlive the
+    /// server: sql, azure).
+    Users(ListArgs),
+    /// List one user's live connections, read from the configured store.
+    Connections(ConnectionsArgs),
+}
+
+/// Which store, and how to reach it: the same flags for `serve`, `users` and `connections`.
+#[derive(Debug, Args)]
+struct StoreArgs {
+    /// Where connections are recorded.
+    #[arg(long, env = "SWITCHBOARD_STORE", value_enum, default_value_t = StoreKind::Memory)]
+    store: StoreKind,
+    /// Database of `--store sql`: sqlite://switchboard.db (one machine; created if missing),
+    /// or postgres://user:password@host:port/database (many servers). Also the PostgreSQL
+    /// of `--backplane postgres`.
+    #[arg(long, env = "SWITCHBOARD_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// PostgreSQL schema that holds the sql store's tables (created if missing).
+    #[arg(long, env = "SWITCHBOARD_DATABASE_SCHEMA", default_value = stores::DEFAULT_DATABASE_SCHEMA)]
+    database_schema: String,
+    /// Most connections the sql store opens to its database.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_DATABASE_POOL_SIZE",
+        default_value_t = stores::DEFAULT_DATABASE_POOL_SIZE,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    database_pool_size: u32,
+    /// Seconds a store operation waits for a database connection before it fails as
+    /// unavailable (how fast a database that went away is noticed).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_DATABASE_ACQUIRE_TIMEOUT",
+        default_value_t = stores::DEFAULT_DATABASE_ACQUIRE_TIMEOUT.as_secs_f64()
+    )]
+    database_acquire_timeout: f64,
+}
+
+impl StoreArgs {
+    fn settings(&self) -> anyhow::Result<StoreSettings> {
+        Ok(StoreSettings {
+            database_url: self.database_url.clone(),
+            database_schema: self.database_schema.clone(),
+            database_pool_size: self.database_pool_size,
+            database_acquire_timeout: seconds(
+                self.database_acquire_timeout,
+                "--database-acquire-timeout",
+            )?,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+struct ListArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Print JSON (an array of user ids) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ConnectionsArgs {
+    /// The user, exactly as the token's user claim names them.
+    user: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Print JSON (an array of {id, node, user_agent, connected_at}) instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Where connections are recorded.
-    #[arg(long, env = "SWITCHBOARD_STORE", value_enum, default_value_t = StoreKind::Memory)]
-    store: StoreKind,
+    #[command(flatten)]
+    store: StoreArgs,
     /// Address to listen on.
     #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = "127.0.0.1:5000")]
     listen: SocketAddr,
@@ -203,6 +273,17 @@ fn main() -> anyhow::Result<()> {
             print!("{}", Capabilities::markdown_table(&stores::compiled()));
             Ok(())
         }
+        Command::Users(args) => runtime()?.block_on(cli_operators::users(
+            args.store.store,
+            args.store.settings()?,
+            args.json,
+        )),
+        Command::Connections(args) => runtime()?.block_on(cli_operators::connections(
+            args.store.store,
+            args.store.settings()?,
+            &args.user,
+            args.json,
+        )),
         Command::Serve(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -211,13 +292,62 @@ fn main() -> anyhow::Result<()> {
                 )
                 .with_writer(std::io::stderr)
                 .init();
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the runtime")?
-                .block_on(serve(*args))
+            runtime()?.block_on(serve(*args))
         }
     }
+}
+
+/// `switchboard users` and `switchboard connections <user>`.
+#[allow(
+    clippy::print_stdout,
+    reason = "the operator commands print their answers"
+)]
+mod cli_operators {
+    use anyhow::Context as _;
+    use switchboard::operators;
+    use switchboard::stores::{self, StoreKind, StoreSettings};
+
+    pub(super) async fn users(
+        kind: StoreKind,
+        settings: StoreSettings,
+        json: bool,
+    ) -> anyhow::Result<()> {
+        let store = stores::open(kind, &settings).await?;
+        let users = operators::list_users(store.as_ref())
+            .await
+            .context("listing the connected users")?;
+        if json {
+            println!("{}", operators::users_json(&users));
+        } else {
+            print!("{}", operators::users_table(&users));
+        }
+        Ok(())
+    }
+
+    pub(super) async fn connections(
+        kind: StoreKind,
+        settings: StoreSettings,
+        user: &str,
+        json: bool,
+    ) -> anyhow::Result<()> {
+        let store = stores::open(kind, &settings).await?;
+        let records = operators::user_connections(store.as_ref(), user)
+            .await
+            .with_context(|| format!("listing the connections of {user:?}"))?;
+        if json {
+            println!("{}", operators::connections_json(&records));
+        } else {
+            print!("{}", operators::connections_table(&records));
+        }
+        Ok(())
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
 }
 
 fn authenticator(args: &ServeArgs) -> anyhow::Result<Authenticator> {
@@ -259,13 +389,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
         tracing::warn!("{banner}");
     }
-    let store = stores::open(args.store).await?;
+    let store = stores::open(args.store.store, &args.store.settings()?).await?;
     if args.backplane != BackplaneKind::None && !store.capabilities().spans_nodes() {
         bail!(
             "--store {} keeps each server's connections to itself: with --backplane {}, other \
              servers' users would never be found. Use a store that spans servers ({}), or no \
              backplane.",
-            args.store,
+            args.store.store,
             args.backplane,
             stores::spanning_strategies()
         );
@@ -293,6 +423,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .options(options);
     let settings = BackplaneSettings {
         redis_url: args.redis_url.clone(),
+        postgres_url: args.store.database_url.clone(),
         prefix: args.backplane_prefix.clone(),
         max_payload: args.backplane_max_payload,
         buffer_messages: args.backplane_buffer_messages,
@@ -317,7 +448,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = listen(args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let address = listener.local_addr().context("reading the bound address")?;
     tracing::info!(
-        store = %args.store,
+        store = %args.store.store,
         backplane = %args.backplane,
         node = %node,
         "Switchboard listening on http://{address} (chat hub at {})",

@@ -43,6 +43,9 @@ pub enum BackplaneKind {
     None,
     /// Redis: per-node streams and membership sets (the `redis` feature).
     Redis,
+    /// PostgreSQL: a message table per node, woken by LISTEN/NOTIFY (the `postgres`
+    /// feature), so a `sql` deployment needs nothing but PostgreSQL.
+    Postgres,
 }
 
 impl fmt::Display for BackplaneKind {
@@ -50,15 +53,51 @@ impl fmt::Display for BackplaneKind {
         f.write_str(match self {
             Self::None => "none",
             Self::Redis => "redis",
+            Self::Postgres => "postgres",
         })
     }
 }
+
+/// What a store is opened with (the `--database-*` flags).
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// The database of the `sql` store: `sqlite://path` (created if missing),
+    /// `sqlite::memory:` or `postgres://user:password@host:port/database`.
+    pub database_url: Option<String>,
+    /// The PostgreSQL schema the `sql` store keeps its tables in (created if missing).
+    pub database_schema: String,
+    /// Most database connections the store's pool opens.
+    pub database_pool_size: u32,
+    /// How long an operation waits for a free database connection (or a new one) before it
+    /// fails as unavailable: how fast a database that went away is noticed.
+    pub database_acquire_timeout: std::time::Duration,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            database_schema: DEFAULT_DATABASE_SCHEMA.to_owned(),
+            database_pool_size: DEFAULT_DATABASE_POOL_SIZE,
+            database_acquire_timeout: DEFAULT_DATABASE_ACQUIRE_TIMEOUT,
+        }
+    }
+}
+
+/// The default of [`StoreSettings::database_schema`].
+pub const DEFAULT_DATABASE_SCHEMA: &str = "public";
+/// The default of [`StoreSettings::database_pool_size`].
+pub const DEFAULT_DATABASE_POOL_SIZE: u32 = 16;
+/// The default of [`StoreSettings::database_acquire_timeout`].
+pub const DEFAULT_DATABASE_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What a backplane is opened with (the `--backplane-*` and `--redis-*` flags).
 #[derive(Debug, Clone)]
 pub struct BackplaneSettings {
     /// The Redis URL (`redis://`, `redis://user:password@host:port/db`, `rediss://`).
     pub redis_url: Option<String>,
+    /// The PostgreSQL URL of `--backplane postgres` (the `--database-url`).
+    pub postgres_url: Option<String>,
     /// Prefix of every channel and key.
     pub prefix: String,
     /// Largest message payload, bytes.
@@ -89,6 +128,63 @@ pub async fn open_backplane(
         BackplaneKind::Redis => redis::open(settings).map(Some),
         #[cfg(not(feature = "redis"))]
         BackplaneKind::Redis => Err(OpenError::BackplaneNotCompiled { requested: kind }),
+        #[cfg(feature = "postgres")]
+        BackplaneKind::Postgres => postgres::open(settings).map(Some),
+        #[cfg(not(feature = "postgres"))]
+        BackplaneKind::Postgres => Err(OpenError::BackplaneNotCompiled { requested: kind }),
+    }
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use std::sync::Arc;
+
+    use switchboard_core::{Backplane, ChannelNames};
+    use switchboard_postgres::{PostgresBackplane, PostgresConfig};
+
+    use super::{BackplaneSettings, OpenError};
+
+    pub(super) fn open(settings: &BackplaneSettings) -> Result<Arc<dyn Backplane>, OpenError> {
+        let url = settings
+            .postgres_url
+            .clone()
+            .filter(|url| url.starts_with("postgres://") || url.starts_with("postgresql://"))
+            .ok_or_else(|| {
+                OpenError::Invalid(
+                    "--backplane postgres needs a PostgreSQL --database-url (postgres://...)"
+                        .to_owned(),
+                )
+            })?;
+        let names =
+            ChannelNames::new(&settings.prefix).map_err(|e| OpenError::Invalid(e.to_string()))?;
+        let config = PostgresConfig::new(url)
+            .with_schema(backplane_schema(&settings.prefix))
+            .with_channel_names(names)
+            .with_max_payload(settings.max_payload)
+            .with_buffer_messages(settings.buffer_messages)
+            .with_buffer_bytes(settings.buffer_bytes)
+            .with_buffer_age(settings.buffer_age)
+            .with_presence_ttl(settings.presence_ttl);
+        let backplane =
+            PostgresBackplane::new(config).map_err(|e| OpenError::Invalid(e.to_string()))?;
+        Ok(Arc::new(backplane))
+    }
+
+    /// The schema of the backplane's tables: the prefix, lower-cased, with anything but
+    /// letters, digits and `_` turned into `_`, and `_backplane` added.
+    fn backplane_schema(prefix: &str) -> String {
+        let mut schema: String = prefix
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        schema.push_str("_backplane");
+        schema
     }
 }
 
@@ -146,6 +242,14 @@ pub enum OpenError {
     /// The settings do not make a usable store or backplane.
     #[error("{0}")]
     Invalid(String),
+    /// The store's backend could not be opened (database unreachable, migrations failed).
+    #[error("cannot open the `{store}` store: {message}")]
+    Backend {
+        /// The requested store.
+        store: StoreKind,
+        /// What failed, in words (never a password).
+        message: String,
+    },
 }
 
 /// Capabilities of every store compiled into this build, in `--store` order.
@@ -153,6 +257,8 @@ pub fn compiled() -> Vec<Capabilities> {
     let mut stores = vec![MemoryStore::CAPABILITIES];
     #[cfg(feature = "groups")]
     stores.push(switchboard_groups::GroupStore::CAPABILITIES);
+    #[cfg(feature = "sql")]
+    stores.push(switchboard_sql::SqlStore::CAPABILITIES);
     stores
 }
 
@@ -176,12 +282,40 @@ pub fn spanning_strategies() -> String {
 ///
 /// # Errors
 ///
-/// [`OpenError::NotCompiled`] when this build lacks that store.
-pub async fn open(kind: StoreKind) -> Result<Arc<dyn ConnectionStore>, OpenError> {
+/// [`OpenError::NotCompiled`] when this build lacks that store, [`OpenError::Invalid`] when
+/// its settings are missing or wrong, [`OpenError::Backend`] when its backend cannot be
+/// opened.
+pub async fn open(
+    kind: StoreKind,
+    settings: &StoreSettings,
+) -> Result<Arc<dyn ConnectionStore>, OpenError> {
+    let _ = settings;
     match kind {
         StoreKind::Memory => Ok(Arc::new(MemoryStore::new())),
         #[cfg(feature = "groups")]
         StoreKind::Groups => Ok(Arc::new(switchboard_groups::GroupStore::new())),
+        #[cfg(feature = "sql")]
+        StoreKind::Sql => {
+            let url = settings.database_url.clone().ok_or_else(|| {
+                OpenError::Invalid(
+                    "--store sql needs --database-url (or SWITCHBOARD_DATABASE_URL): \
+                     sqlite://switchboard.db for one machine, postgres://... for many servers"
+                        .to_owned(),
+                )
+            })?;
+            let config = switchboard_sql::SqlConfig::new(url)
+                .with_schema(settings.database_schema.clone())
+                .with_pool_size(settings.database_pool_size)
+                .with_acquire_timeout(settings.database_acquire_timeout);
+            let store =
+                switchboard_sql::SqlStore::open(config)
+                    .await
+                    .map_err(|e| OpenError::Backend {
+                        store: kind,
+                        message: e.to_string(),
+                    })?;
+            Ok(Arc::new(store))
+        }
         other => Err(OpenError::NotCompiled {
             requested: other,
             available: compiled()

@@ -202,22 +202,7 @@ impl TestServer {
     /// Opens a WebSocket with the token in the Authorization header (skipNegotiation style
     /// when `query` has no `id`). Returns the HTTP status on refusal.
     pub async fn open(&self, query: &str, token: Option<&str>) -> Result<RawClient, u16> {
-        let mut request = self
-            .ws_url(query)
-            .into_client_request()
-            .expect("valid request");
-        if let Some(token) = token {
-            request.headers_mut().insert(
-                "authorization",
-                format!("Bearer {token}").parse().expect("header value"),
-            );
-        }
-        match tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(request)).await {
-            Err(_) => panic!("WebSocket connect timed out"),
-            Ok(Ok((ws, _))) => Ok(RawClient { ws }),
-            Ok(Err(tungstenite::Error::Http(response))) => Err(response.status().as_u16()),
-            Ok(Err(e)) => panic!("WebSocket connect failed: {e}"),
-        }
+        open_ws(self.addr, query, token).await
     }
 
     /// A connected, handshaken client of `user` whose socket has a small receive buffer, so
@@ -412,6 +397,26 @@ pub enum Frame {
     Records(Vec<Value>),
     Binary,
     Closed,
+}
+
+/// Opens a WebSocket to the chat hub at `addr` with the token in the Authorization header
+/// (skipNegotiation style when `query` has no `id`). Returns the HTTP status on refusal.
+pub async fn open_ws(addr: SocketAddr, query: &str, token: Option<&str>) -> Result<RawClient, u16> {
+    let mut request = format!("ws://{addr}{}{query}", chat::PATH)
+        .into_client_request()
+        .expect("valid request");
+    if let Some(token) = token {
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header value"),
+        );
+    }
+    match tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(request)).await {
+        Err(_) => panic!("WebSocket connect timed out"),
+        Ok(Ok((ws, _))) => Ok(RawClient { ws }),
+        Ok(Err(tungstenite::Error::Http(response))) => Err(response.status().as_u16()),
+        Ok(Err(e)) => panic!("WebSocket connect failed: {e}"),
+    }
 }
 
 pub struct RawClient {

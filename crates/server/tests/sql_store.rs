@@ -1,0 +1,330 @@
+//! The sql store under the real server: `switchboard serve --store sql` processes killed
+//! with SIGKILL on SQLite and on PostgreSQL (no ghost users once the lease is over, and none
+//! visible from the moment it expires), the `users` and `connections` commands reading the
+//! database directly, and a PostgreSQL that goes away and comes back under a running hub.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{PATIENCE, RawClient, SECRET, TestServer, chat, eventually, until_completion};
+use serde_json::{Value, json};
+use switchboard::HubOptions;
+use switchboard::auth::{Authenticator, JwtConfig};
+use switchboard_core::testkit::node;
+use switchboard_core::{ConnectionStore, PageRequest, UserId};
+use switchboard_sql::{SqlConfig, SqlStore};
+use switchboard_testkit_postgres::PostgresServer;
+
+/// The lease of every node these tests start.
+const LEASE_SECONDS: u64 = 2;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A `switchboard serve --store sql` process.
+struct ServerProcess {
+    addr: SocketAddr,
+    child: Child,
+    auth: Authenticator,
+}
+
+impl ServerProcess {
+    async fn start(database_url: &str) -> Self {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("an address");
+        let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "--store", "sql", "--database-url", database_url])
+            .args(["--node-lease", &LEASE_SECONDS.to_string()])
+            .args(["--jwt-secret", SECRET, "--listen", &addr.to_string()])
+            .env("SWITCHBOARD_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the server starts");
+        let auth =
+            Authenticator::new(JwtConfig::new(SECRET.as_bytes().to_vec()).expect("a secret"));
+        let server = Self { addr, child, auth };
+        eventually("the server answers /readyz", || async {
+            match tokio::net::TcpStream::connect(server.addr).await {
+                Ok(stream) => {
+                    let host = server.addr.to_string();
+                    common::http_request(stream, &host, "GET", "/readyz", &[], "")
+                        .await
+                        .0
+                        == 200
+                }
+                Err(_) => false,
+            }
+        })
+        .await;
+        server
+    }
+
+    async fn connect(&self, user: &str) -> RawClient {
+        let token = self
+            .auth
+            .issue(&UserId::new(user).expect("valid"), Duration::from_secs(600));
+        let mut client = common::open_ws(self.addr, "", Some(&token))
+            .await
+            .expect("authorized");
+        client.handshake().await;
+        client
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `switchboard <args>` against `database_url` and parses its JSON answer.
+fn operator(database_url: &str, args: &[&str]) -> Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(args)
+        .args(["--store", "sql", "--database-url", database_url, "--json"])
+        .output()
+        .expect("the command runs");
+    assert!(
+        output.status.success(),
+        "switchboard {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON on stdout")
+}
+
+fn users(database_url: &str) -> Value {
+    operator(database_url, &["users"])
+}
+
+async fn send(client: &mut RawClient, id: &str, who: &str, text: &str) -> Vec<Value> {
+    let record = json!({"type": 1, "invocationId": id, "target": "SendChatMessage", "arguments": [who, text]});
+    client.send_record(&record.to_string()).await;
+    until_completion(client, id).await
+}
+
+fn not_connected(who: &str) -> Value {
+    json!({"type": 1, "target": "showErrorMessage", "arguments": [format!("The user '{who}' is not connected.")]})
+}
+
+/// Polls `users` until it answers `expected`, then checks it keeps answering that for a
+/// little while (it must never flip back: an expired node's users are never reported).
+async fn users_become(database_url: &str, expected: Value, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        if users(database_url) == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "users never became {expected}: {}",
+            users(database_url)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..5 {
+        assert_eq!(users(database_url), expected, "users flipped back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_killed_server_leaves_no_ghost_users_and_restarts_clean() {
+    let dir = std::env::temp_dir().join(format!("switchboard-sqlite-crash-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory");
+    let url = format!("sqlite://{}", dir.join("switchboard.db").display());
+
+    let mut first = ServerProcess::start(&url).await;
+    let _alice1 = first.connect("alice").await;
+    let _alice2 = first.connect("alice").await;
+    let _bob = first.connect("bob").await;
+    assert_eq!(users(&url), json!(["alice", "bob"]));
+    let connections = operator(&url, &["connections", "alice"]);
+    let rows = connections.as_array().expect("an array");
+    assert_eq!(rows.len(), 2, "{connections}");
+    for row in rows {
+        for field in ["id", "node", "user_agent", "connected_at"] {
+            assert!(row.get(field).is_some(), "{field} missing in {row}");
+        }
+        assert!(
+            row["id"].as_str().is_some_and(|id| id.contains('~')),
+            "{row}"
+        );
+    }
+
+    first.kill();
+    let killed_at = Instant::now();
+    // The records outlive the process until its lease runs out; then they stop counting at
+    // once, before any sweep.
+    users_become(&url, json!([]), Duration::from_secs(LEASE_SECONDS + 3)).await;
+    assert!(
+        killed_at.elapsed() >= Duration::from_millis(LEASE_SECONDS * 1000 / 3),
+        "the records counted for a while after the kill"
+    );
+
+    let second = ServerProcess::start(&url).await;
+    let mut carol = second.connect("carol").await;
+    assert_eq!(
+        send(&mut carol, "1", "alice", "hi").await[0],
+        not_connected("alice")
+    );
+    assert_eq!(users(&url), json!(["carol"]));
+    drop(second);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_nodes_one_killed_the_other_sweeps_its_rows() {
+    let pg = PostgresServer::start();
+    let url = pg.url();
+    let a = ServerProcess::start(&url).await;
+    let mut b = ServerProcess::start(&url).await;
+    let mut alice = a.connect("alice").await;
+    let _bob = b.connect("bob").await;
+    let _bob2 = b.connect("bob").await;
+    assert_eq!(users(&url), json!(["alice", "bob"]));
+    // alice on node A reaches bob on node B through the store (no backplane: the message is
+    // reported, not delivered, but bob counts as connected).
+    let first = send(&mut alice, "1", "bob", "hi").await;
+    assert_ne!(first[0], not_connected("bob"), "{first:?}");
+
+    b.kill();
+    users_become(
+        &url,
+        json!(["alice"]),
+        Duration::from_secs(LEASE_SECONDS + 3),
+    )
+    .await;
+    // From then on, bob is never reported reachable.
+    for i in 0..5 {
+        let answer = send(&mut alice, &format!("after{i}"), "bob", "still there?").await;
+        assert_eq!(answer[0], not_connected("bob"), "{answer:?}");
+    }
+    // Node A's maintenance sweeps B's rows out of the table.
+    let deadline = Instant::now() + Duration::from_secs(LEASE_SECONDS * 3 + 5);
+    loop {
+        let left = pg
+            .psql(
+                "postgres",
+                "SELECT count(*) FROM connections WHERE user_id = 'bob'",
+            )
+            .expect("counts");
+        if left.trim() == "0" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node B's rows were never swept: {left}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        pg.psql(
+            "postgres",
+            "SELECT count(*) FROM users WHERE user_id = 'bob'"
+        )
+        .expect("counts")
+        .trim(),
+        "0",
+        "bob's user row went with his connections"
+    );
+    drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_fails_fast_and_is_reconciled_when_it_returns() {
+    let pg = PostgresServer::start();
+    let config = SqlConfig::new(pg.url()).with_acquire_timeout(Duration::from_millis(500));
+    let store: Arc<dyn ConnectionStore> =
+        Arc::new(SqlStore::open(config).await.expect("the store opens"));
+    let options = HubOptions::default()
+        .with_lease(Duration::from_secs(3))
+        .with_store_timeout(Duration::from_secs(2));
+    let server = TestServer::start_node(node("sqlnode"), store.clone(), None, options).await;
+    let mut alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    let mut leaving = server.connect("dave").await;
+    assert_eq!(
+        send(&mut bob, "0", "alice", "before").await.len(),
+        1,
+        "only the completion"
+    );
+    assert_eq!(alice.next_message().await, Some(chat("bob: before")));
+
+    pg.stop();
+    // A send during the outage is answered, fast, with an error; never a hang.
+    let started = Instant::now();
+    let answer = send(&mut bob, "1", "alice", "during").await;
+    assert!(
+        started.elapsed() < PATIENCE,
+        "the send took {:?}",
+        started.elapsed()
+    );
+    let text = answer[0].to_string();
+    assert!(
+        answer[0]["target"] == "showErrorMessage" || answer[0]["error"].is_string(),
+        "an error for the caller: {answer:?}"
+    );
+    assert!(
+        !text.contains("not connected"),
+        "alice is not reported gone: {text}"
+    );
+    // dave leaves during the outage: his removal waits for the database.
+    drop(leaving.ws.close(None).await);
+    // A new connection during the outage is closed at once with a reason and an invitation
+    // to reconnect later (the failure is transient), not left hanging.
+    let mut erin = common::open_ws(server.addr, "", Some(&server.token("erin")))
+        .await
+        .expect("the upgrade needs no database");
+    erin.send_record(r#"{"protocol":"json","version":1}"#).await;
+    assert_eq!(erin.next_text().await.as_deref(), Some("{}\u{1e}"));
+    let close = erin.expect_close().await;
+    assert_eq!(close["allowReconnect"], true, "{close}");
+    assert!(
+        close["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unavailable")),
+        "{close}"
+    );
+
+    pg.start_again();
+    // The pool recovers by itself, the pending removal is retried, and the store matches
+    // the node again.
+    eventually(
+        "dave's record is removed once the database is back",
+        || async {
+            let page = store.users(PageRequest::first(10)).await;
+            page.is_ok_and(|p| {
+                p.users.iter().map(UserId::as_str).collect::<Vec<_>>() == ["alice", "bob"]
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        send(&mut bob, "2", "alice", "after").await.len(),
+        1,
+        "only the completion"
+    );
+    assert_eq!(alice.next_message().await, Some(chat("bob: after")));
+    let mut erin = server.connect("erin").await;
+    assert_eq!(
+        send(&mut erin, "3", "bob", "hello").await.len(),
+        1,
+        "only the completion"
+    );
+    assert_eq!(bob.next_message().await, Some(chat("erin: hello")));
+}
