@@ -581,19 +581,23 @@ impl Reader {
     async fn drain(&mut self) {
         let command_timeout = self.shared.config.command_timeout;
         loop {
-            let taken = timeout(
-                command_timeout,
-                sqlx::query_as::<_, Row>(
+            // Rows are deleted in a transaction committed after delivery: if the link dies
+            // first, the rows stay and come back, and `seen` drops the copies.
+            let taken = timeout(command_timeout, async {
+                let mut tx = self.pool.begin().await?;
+                let rows = sqlx::query_as::<_, Row>(
                     "DELETE FROM inbox WHERE seq IN (SELECT seq FROM inbox WHERE target = $1 \
                      ORDER BY seq LIMIT $2) RETURNING seq, writer, wseq, payload",
                 )
                 .bind(&self.node)
                 .bind(DRAIN)
-                .fetch_all(&self.pool),
-            )
+                .fetch_all(&mut *tx)
+                .await?;
+                Ok::<_, sqlx::Error>((tx, rows))
+            })
             .await;
-            let mut rows = match taken {
-                Ok(Ok(rows)) => rows,
+            let (tx, mut rows) = match taken {
+                Ok(Ok(taken)) => taken,
                 Ok(Err(e)) => return self.down(format!("reading the inbox: {e}")),
                 Err(_) => {
                     return self.down(format!(
@@ -618,6 +622,15 @@ impl Reader {
                         self.inbox.receive(message).await;
                     }
                     Err(e) => tracing::warn!(seq, error = %e, "dropping a corrupt message"),
+                }
+            }
+            match timeout(command_timeout, tx.commit()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return self.down(format!("consuming the inbox: {e}")),
+                Err(_) => {
+                    return self.down(format!(
+                        "consuming the inbox: no answer within {command_timeout:?}"
+                    ));
                 }
             }
             if !full {

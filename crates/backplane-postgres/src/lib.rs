@@ -25,6 +25,8 @@
 //!   Order per sender holds because each node publishes through one writer that commits its
 //!   transactions one after another, so a later row of that sender always has a higher `seq`
 //!   than every earlier one still present.
+//!   The rows are deleted in a transaction that commits after they were handed to the inbox,
+//!   so a link lost in between leaves them in place, and the copies read again are dropped.
 //! * **Catch-up and poll**: the receiver drains at start, after every reconnect of its
 //!   listener, on every notification, and every poll interval, so a lost notification only
 //!   delays a message.
