@@ -44,11 +44,17 @@
 //! of a batch run in arrival order, so an add and a removal of the same id in one batch end
 //! removed. A lone operation runs as a single autocommit statement, as without batching.
 //!
-//! * SQLite: the batch's statements, one by one, in one transaction on the writer connection.
-//! * PostgreSQL: the batch is cut, in arrival order, into runs of operations on distinct
-//!   connection ids (which commute); each run is one `INSERT … SELECT FROM unnest(…) ON
-//!   CONFLICT DO NOTHING RETURNING` for its adds and one `DELETE … USING unnest(…) RETURNING`
-//!   for its removals. The per-row triggers keep `users` exact as for single statements.
+//! The batch is cut, in arrival order, into runs of operations on distinct connection ids
+//! (which commute); each run is one statement for its adds and one for its removals:
+//!
+//! * SQLite: a multi-row `INSERT … VALUES … ON CONFLICT DO NOTHING RETURNING` and a
+//!   `DELETE … WHERE (connection_id, user_id) IN (VALUES …) RETURNING`, in one transaction
+//!   on the writer connection.
+//! * PostgreSQL: `INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING RETURNING` and
+//!   `DELETE … USING unnest(…) RETURNING`, with arrays as parameters, in one transaction.
+//!
+//! The ids each statement returns say which adds inserted and which removals deleted. The
+//! per-row triggers keep `users` exact as for single statements.
 //!
 //! If the database cannot be reached, every operation of the batch fails with the same
 //! [`StoreError::Unavailable`]. If a statement fails otherwise (a deadlock with another node's
@@ -56,7 +62,14 @@
 //! operations are run again one by one, each in its own statement, each getting its own
 //! answer. Callers never wait on a writer that is gone: if the writer task stopped, they get
 //! [`StoreError::Unavailable`]. A caller that gives up (drops its future) leaves its operation
-//! to be skipped if it has not started, or to complete with its answer discarded.
+//! to be skipped if it has not started, or to complete with its answer discarded (as a
+//! single statement would). The writer runs on the runtime of the store's first write; if
+//! that runtime shuts down, writes fail with [`StoreError::Unavailable`].
+//!
+//! The cost: a store's adds and removals run one batch at a time, on one connection; a write
+//! that arrives while a batch is in flight waits for it, then goes in the next batch. Under
+//! concurrency that is much faster than one statement (and one commit) per write; a lone
+//! write costs what it did.
 //! `reconnect`, `heartbeat`, `sweep` and `release` do not go through the writer.
 //!
 //! Every other operation is a single statement (PostgreSQL: in autocommit, so one round trip),
@@ -703,6 +716,31 @@ mod sql {
              VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (connection_id) DO NOTHING";
         pub const REMOVE: &str =
             "DELETE FROM connections WHERE connection_id = ?1 AND user_id = ?2";
+        /// Adds `n` rows; answers the ids inserted.
+        pub fn add_many(n: usize) -> String {
+            let mut s = String::from(
+                "INSERT INTO connections (connection_id, user_id, node_id, user_agent, connected_at) VALUES ",
+            );
+            for i in 0..n {
+                s.push_str(if i == 0 {
+                    "(?,?,?,?,?)"
+                } else {
+                    ",(?,?,?,?,?)"
+                });
+            }
+            s.push_str(" ON CONFLICT (connection_id) DO NOTHING RETURNING connection_id");
+            s
+        }
+        /// Removes `n` (connection id, user) pairs; answers the ids deleted.
+        pub fn remove_many(n: usize) -> String {
+            let mut s =
+                String::from("DELETE FROM connections WHERE (connection_id, user_id) IN (VALUES ");
+            for i in 0..n {
+                s.push_str(if i == 0 { "(?,?)" } else { ",(?,?)" });
+            }
+            s.push_str(") RETURNING connection_id");
+            s
+        }
         pub const RECONNECT: &str = "INSERT INTO connections (connection_id, user_id, node_id, user_agent, connected_at) \
              VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (connection_id) DO UPDATE SET \
              node_id = excluded.node_id, user_agent = excluded.user_agent, \
@@ -989,34 +1027,80 @@ async fn run_one(db: &Db, op: Op) {
     }
 }
 
-/// SQLite: the batch's statements in arrival order, in one transaction on the writer
-/// connection.
+/// The batch cut, in arrival order, into runs of operations on distinct connection ids:
+/// inside a run the operations commute, so its adds and its removals can each be one
+/// statement.
+fn runs(ops: &[Op]) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    while start < ops.len() {
+        let mut ids: HashSet<&str> = HashSet::new();
+        let mut end = start;
+        while end < ops.len() && ids.insert(ops[end].id().as_str()) {
+            end += 1;
+        }
+        runs.push(start..end);
+        start = end;
+    }
+    runs
+}
+
+/// SQLite: each run of the batch is one multi-row `INSERT … ON CONFLICT DO NOTHING RETURNING`
+/// for its adds and one `DELETE … WHERE (id, user) IN (VALUES …) RETURNING` for its removals,
+/// all in one transaction on the writer connection.
 async fn sqlite_batch(pool: &SqlitePool, ops: &[Op]) -> Result<Vec<bool>, BatchError> {
     let d = Dialect::Sqlite;
     let mut tx = pool.begin().await.map_err(|e| batch_error(d, e))?;
-    let mut changed = Vec::with_capacity(ops.len());
-    for op in ops {
-        let done = match op {
-            Op::Add(r, _) => {
-                sqlx::query(sql::sqlite::ADD)
+    let mut changed = vec![false; ops.len()];
+    for run in runs(ops) {
+        let adds: Vec<(usize, &ConnectionRecord)> = run
+            .clone()
+            .filter_map(|i| match &ops[i] {
+                Op::Add(r, _) => Some((i, r)),
+                Op::Remove(..) => None,
+            })
+            .collect();
+        if !adds.is_empty() {
+            let statement = sql::sqlite::add_many(adds.len());
+            let mut query = sqlx::query_scalar::<_, String>(&statement);
+            for (_, r) in &adds {
+                query = query
                     .bind(r.id().as_str())
                     .bind(r.user().as_str())
                     .bind(r.node().as_str())
                     .bind(r.user_agent())
-                    .bind(r.connected_at_millis())
-                    .execute(&mut *tx)
-                    .await
+                    .bind(r.connected_at_millis());
             }
-            Op::Remove(user, id, _) => {
-                sqlx::query(sql::sqlite::REMOVE)
-                    .bind(id.as_str())
-                    .bind(user.as_str())
-                    .execute(&mut *tx)
-                    .await
+            let inserted = query
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(|e| batch_error(d, e))?;
+            let inserted: HashSet<&str> = inserted.iter().map(String::as_str).collect();
+            for (i, r) in &adds {
+                changed[*i] = inserted.contains(r.id().as_str());
             }
         }
-        .map_err(|e| batch_error(d, e))?;
-        changed.push(done.rows_affected() > 0);
+        let removes: Vec<(usize, &UserId, &ConnectionId)> = run
+            .filter_map(|i| match &ops[i] {
+                Op::Remove(user, id, _) => Some((i, user, id)),
+                Op::Add(..) => None,
+            })
+            .collect();
+        if !removes.is_empty() {
+            let statement = sql::sqlite::remove_many(removes.len());
+            let mut query = sqlx::query_scalar::<_, String>(&statement);
+            for (_, user, id) in &removes {
+                query = query.bind(id.as_str()).bind(user.as_str());
+            }
+            let removed = query
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(|e| batch_error(d, e))?;
+            let removed: HashSet<&str> = removed.iter().map(String::as_str).collect();
+            for (i, _, id) in &removes {
+                changed[*i] = removed.contains(id.as_str());
+            }
+        }
     }
     tx.commit().await.map_err(|e| batch_error(d, e))?;
     Ok(changed)
@@ -1030,16 +1114,7 @@ async fn pg_batch(pool: &PgPool, ops: &[Op]) -> Result<Vec<bool>, BatchError> {
     let d = Dialect::Postgres;
     let mut tx = pool.begin().await.map_err(|e| batch_error(d, e))?;
     let mut changed = vec![false; ops.len()];
-    let mut start = 0;
-    while start < ops.len() {
-        let mut ids: HashSet<&str> = HashSet::new();
-        let mut end = start;
-        while end < ops.len() && ids.insert(ops[end].id().as_str()) {
-            end += 1;
-        }
-        let run = start..end;
-        start = end;
-
+    for run in runs(ops) {
         let adds: Vec<(usize, &ConnectionRecord)> = run
             .clone()
             .filter_map(|i| match &ops[i] {
