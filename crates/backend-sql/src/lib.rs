@@ -36,8 +36,45 @@
 //!
 //! ## Concurrency
 //!
-//! Every operation but sweep and release is a single statement (PostgreSQL: in autocommit, so
-//! one round trip). The `users` triggers use `INSERT … ON CONFLICT DO UPDATE` and row locks,
+//! **Writes are group-committed.** `add` and `remove` go through one writer task per store
+//! (started on first use), fed by a bounded queue: each caller queues its operation with a
+//! reply channel and waits; the writer takes whatever is queued (at most 256 operations) and
+//! runs it as **one transaction**, then answers each caller with its own result (`Conflict`
+//! for an add whose id is recorded, `NotFound` for the removal of an unknown id). Operations
+//! of a batch run in arrival order, so an add and a removal of the same id in one batch end
+//! removed. A lone operation runs as a single autocommit statement, as without batching.
+//!
+//! The batch is cut, in arrival order, into runs of operations on distinct connection ids
+//! (which commute); each run is one statement for its adds and one for its removals:
+//!
+//! * SQLite: a multi-row `INSERT … VALUES … ON CONFLICT DO NOTHING RETURNING` and a
+//!   `DELETE … WHERE (connection_id, user_id) IN (VALUES …) RETURNING`, in one transaction
+//!   on the writer connection.
+//! * PostgreSQL: `INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING RETURNING` and
+//!   `DELETE … USING unnest(…) RETURNING`, with arrays as parameters, in one transaction.
+//!
+//! The ids each statement returns say which adds inserted and which removals deleted. The
+//! per-row triggers keep `users` exact as for single statements.
+//!
+//! If the database cannot be reached, every operation of the batch fails with the same
+//! [`StoreError::Unavailable`]. If a statement fails otherwise (a deadlock with another node's
+//! batch on the `users` rows, a constraint), the transaction is rolled back and the batch's
+//! operations are run again one by one, each in its own statement, each getting its own
+//! answer. Callers never wait on a writer that is gone: if the writer task stopped, they get
+//! [`StoreError::Unavailable`]. A caller that gives up (drops its future) leaves its operation
+//! to be skipped if it has not started, or to complete with its answer discarded (as a
+//! single statement would). The writer runs on the runtime of the store's first write; if
+//! that runtime shuts down, writes fail with [`StoreError::Unavailable`].
+//!
+//! The cost: a store's adds and removals run one batch at a time, on one connection; a write
+//! that arrives while a batch is in flight waits for it, then goes in the next batch. Under
+//! concurrency that is much faster than one statement (and one commit) per write; a lone
+//! write costs what it did.
+//! `reconnect`, `heartbeat`, `sweep` and `release` do not go through the writer.
+//!
+//! Every other operation is a single statement (PostgreSQL: in autocommit, so one round trip),
+//! except sweep and release, which are one transaction each. The `users` triggers use
+//! `INSERT … ON CONFLICT DO UPDATE` and row locks,
 //! which keeps the connection count exact under PostgreSQL's READ COMMITTED when the same user
 //! connects and disconnects from many nodes at once: an add that meets a user row being
 //! deleted waits for it and inserts a new one. SQLite has one writer at a time: the store
@@ -66,9 +103,10 @@
 //! transient too; constraint violations and everything else are permanent.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::fmt;
 use std::str::FromStr as _;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -82,6 +120,7 @@ use switchboard_core::{
     Capabilities, ConnectionId, ConnectionRecord, ConnectionStore, Counts, Lease, NodeId,
     OrphanCleanup, PageRequest, Removal, Speed, StoreError, UserId, UserListing, UserPage,
 };
+use tokio::sync::{mpsc, oneshot};
 
 static PG_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -259,6 +298,7 @@ fn valid_schema(schema: &str) -> bool {
 #[derive(Clone)]
 pub struct SqlStore {
     inner: Arc<Inner>,
+    writer: Arc<Writer>,
 }
 
 enum Inner {
@@ -464,8 +504,16 @@ impl SqlStore {
                 }
             }
         };
+        let db = match &inner {
+            Inner::Sqlite { write, .. } => Db::Sqlite(write.clone()),
+            Inner::Postgres { pool, .. } => Db::Postgres(pool.clone()),
+        };
         Ok(SqlStore {
             inner: Arc::new(inner),
+            writer: Arc::new(Writer {
+                db,
+                queue: OnceLock::new(),
+            }),
         })
     }
 
@@ -619,6 +667,13 @@ mod sql {
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (connection_id) DO NOTHING";
         pub const REMOVE: &str =
             "DELETE FROM connections WHERE connection_id = $1 AND user_id = $2";
+        pub const ADD_MANY: &str = "INSERT INTO connections (connection_id, user_id, node_id, user_agent, connected_at) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[]) \
+             ON CONFLICT (connection_id) DO NOTHING RETURNING connection_id";
+        pub const REMOVE_MANY: &str = "DELETE FROM connections c \
+             USING unnest($1::text[], $2::text[]) AS r (connection_id, user_id) \
+             WHERE c.connection_id = r.connection_id AND c.user_id = r.user_id \
+             RETURNING c.connection_id";
         pub const RECONNECT: &str = "INSERT INTO connections (connection_id, user_id, node_id, user_agent, connected_at) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (connection_id) DO UPDATE SET \
              node_id = EXCLUDED.node_id, user_agent = EXCLUDED.user_agent, \
@@ -661,6 +716,31 @@ mod sql {
              VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (connection_id) DO NOTHING";
         pub const REMOVE: &str =
             "DELETE FROM connections WHERE connection_id = ?1 AND user_id = ?2";
+        /// Adds `n` rows; answers the ids inserted.
+        pub fn add_many(n: usize) -> String {
+            let mut s = String::from(
+                "INSERT INTO connections (connection_id, user_id, node_id, user_agent, connected_at) VALUES ",
+            );
+            for i in 0..n {
+                s.push_str(if i == 0 {
+                    "(?,?,?,?,?)"
+                } else {
+                    ",(?,?,?,?,?)"
+                });
+            }
+            s.push_str(" ON CONFLICT (connection_id) DO NOTHING RETURNING connection_id");
+            s
+        }
+        /// Removes `n` (connection id, user) pairs; answers the ids deleted.
+        pub fn remove_many(n: usize) -> String {
+            let mut s =
+                String::from("DELETE FROM connections WHERE (connection_id, user_id) IN (VALUES ");
+            for i in 0..n {
+                s.push_str(if i == 0 { "(?,?)" } else { ",(?,?)" });
+            }
+            s.push_str(") RETURNING connection_id");
+            s
+        }
         pub const RECONNECT: &str = "INSERT INTO connections (connection_id, user_id, node_id, user_agent, connected_at) \
              VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (connection_id) DO UPDATE SET \
              node_id = excluded.node_id, user_agent = excluded.user_agent, \
@@ -730,6 +810,383 @@ macro_rules! write_record {
     }};
 }
 
+/// The most operations one batch (one transaction) carries.
+const MAX_BATCH: usize = 256;
+/// Operations waiting for the writer before callers wait to enqueue.
+const QUEUE: usize = 4096;
+
+/// Where the writer runs its batches.
+#[derive(Clone)]
+enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// One queued write and where its answer goes.
+enum Op {
+    Add(ConnectionRecord, oneshot::Sender<Result<(), StoreError>>),
+    Remove(
+        UserId,
+        ConnectionId,
+        oneshot::Sender<Result<Removal, StoreError>>,
+    ),
+}
+
+impl Op {
+    fn id(&self) -> &ConnectionId {
+        match self {
+            Op::Add(record, _) => record.id(),
+            Op::Remove(_, id, _) => id,
+        }
+    }
+
+    /// Whether the caller gave up (its future was dropped).
+    fn abandoned(&self) -> bool {
+        match self {
+            Op::Add(_, reply) => reply.is_closed(),
+            Op::Remove(_, _, reply) => reply.is_closed(),
+        }
+    }
+
+    /// Answers with the outcome: `changed` is whether the row was inserted (add) or deleted
+    /// (remove). A caller that gave up is not an error.
+    fn answer(self, changed: bool) {
+        match self {
+            Op::Add(record, reply) => {
+                let result = if changed {
+                    Ok(())
+                } else {
+                    Err(StoreError::Conflict {
+                        user: record.user().clone(),
+                        id: record.id().clone(),
+                    })
+                };
+                let _ = reply.send(result);
+            }
+            Op::Remove(_, _, reply) => {
+                let _ = reply.send(Ok(if changed {
+                    Removal::Removed
+                } else {
+                    Removal::NotFound
+                }));
+            }
+        }
+    }
+
+    fn fail(self, e: StoreError) {
+        match self {
+            Op::Add(_, reply) => {
+                let _ = reply.send(Err(e));
+            }
+            Op::Remove(_, _, reply) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}
+
+/// The store's group-commit writer: `add` and `remove` queue here, and one task runs what is
+/// queued as one transaction. Started on first use (on the caller's runtime); it stops when
+/// the last clone of the store is dropped.
+struct Writer {
+    db: Db,
+    queue: OnceLock<mpsc::Sender<Op>>,
+}
+
+fn writer_gone() -> StoreError {
+    StoreError::Unavailable {
+        message: "the store's writer stopped".to_owned(),
+        source: None,
+    }
+}
+
+impl Writer {
+    async fn submit<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let queue = self.queue.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            tokio::spawn(write_loop(self.db.clone(), rx));
+            tx
+        });
+        let (reply, answer) = oneshot::channel();
+        if queue.send(op(reply)).await.is_err() {
+            return Err(writer_gone());
+        }
+        answer.await.unwrap_or_else(|_| Err(writer_gone()))
+    }
+}
+
+async fn write_loop(db: Db, mut rx: mpsc::Receiver<Op>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let ops: Vec<Op> = batch.drain(..).filter(|op| !op.abandoned()).collect();
+        run_batch(&db, ops).await;
+    }
+}
+
+/// How a batch failed.
+enum BatchError {
+    /// The database cannot be reached: every operation of the batch gets this error.
+    Unavailable(StoreError),
+    /// A statement failed (a deadlock with another node, a constraint): the transaction was
+    /// rolled back and the operations are run one by one, each getting its own answer.
+    OneByOne,
+}
+
+fn batch_error(dialect: Dialect, e: sqlx::Error) -> BatchError {
+    match store_error(dialect, e) {
+        e @ StoreError::Unavailable { .. } => BatchError::Unavailable(e),
+        _ => BatchError::OneByOne,
+    }
+}
+
+async fn run_batch(db: &Db, ops: Vec<Op>) {
+    if ops.len() <= 1 {
+        for op in ops {
+            run_one(db, op).await;
+        }
+        return;
+    }
+    let outcome = match db {
+        Db::Sqlite(pool) => sqlite_batch(pool, &ops).await,
+        Db::Postgres(pool) => pg_batch(pool, &ops).await,
+    };
+    match outcome {
+        Ok(changed) => {
+            for (op, changed) in ops.into_iter().zip(changed) {
+                op.answer(changed);
+            }
+        }
+        Err(BatchError::Unavailable(e)) => {
+            let (message, source) = match e {
+                StoreError::Unavailable { message, source } => (message, source),
+                other => (other.to_string(), None),
+            };
+            let mut source = source;
+            for op in ops {
+                op.fail(StoreError::Unavailable {
+                    message: message.clone(),
+                    source: source.take(),
+                });
+            }
+        }
+        Err(BatchError::OneByOne) => {
+            for op in ops {
+                run_one(db, op).await;
+            }
+        }
+    }
+}
+
+/// One operation in its own statement (autocommit), as without batching.
+async fn run_one(db: &Db, op: Op) {
+    if op.abandoned() {
+        return;
+    }
+    let changed = match (db, &op) {
+        (Db::Sqlite(pool), Op::Add(r, _)) => sqlx::query(sql::sqlite::ADD)
+            .bind(r.id().as_str())
+            .bind(r.user().as_str())
+            .bind(r.node().as_str())
+            .bind(r.user_agent())
+            .bind(r.connected_at_millis())
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected())
+            .map_err(|e| store_error(Dialect::Sqlite, e)),
+        (Db::Sqlite(pool), Op::Remove(user, id, _)) => sqlx::query(sql::sqlite::REMOVE)
+            .bind(id.as_str())
+            .bind(user.as_str())
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected())
+            .map_err(|e| store_error(Dialect::Sqlite, e)),
+        (Db::Postgres(pool), Op::Add(r, _)) => sqlx::query(sql::pg::ADD)
+            .bind(r.id().as_str())
+            .bind(r.user().as_str())
+            .bind(r.node().as_str())
+            .bind(r.user_agent())
+            .bind(r.connected_at_millis())
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected())
+            .map_err(|e| store_error(Dialect::Postgres, e)),
+        (Db::Postgres(pool), Op::Remove(user, id, _)) => sqlx::query(sql::pg::REMOVE)
+            .bind(id.as_str())
+            .bind(user.as_str())
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected())
+            .map_err(|e| store_error(Dialect::Postgres, e)),
+    };
+    match changed {
+        Ok(rows) => op.answer(rows > 0),
+        Err(e) => op.fail(e),
+    }
+}
+
+/// The batch cut, in arrival order, into runs of operations on distinct connection ids:
+/// inside a run the operations commute, so its adds and its removals can each be one
+/// statement.
+fn runs(ops: &[Op]) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    while start < ops.len() {
+        let mut ids: HashSet<&str> = HashSet::new();
+        let mut end = start;
+        while end < ops.len() && ids.insert(ops[end].id().as_str()) {
+            end += 1;
+        }
+        runs.push(start..end);
+        start = end;
+    }
+    runs
+}
+
+/// SQLite: each run of the batch is one multi-row `INSERT … ON CONFLICT DO NOTHING RETURNING`
+/// for its adds and one `DELETE … WHERE (id, user) IN (VALUES …) RETURNING` for its removals,
+/// all in one transaction on the writer connection.
+async fn sqlite_batch(pool: &SqlitePool, ops: &[Op]) -> Result<Vec<bool>, BatchError> {
+    let d = Dialect::Sqlite;
+    let mut tx = pool.begin().await.map_err(|e| batch_error(d, e))?;
+    let mut changed = vec![false; ops.len()];
+    for run in runs(ops) {
+        let adds: Vec<(usize, &ConnectionRecord)> = run
+            .clone()
+            .filter_map(|i| match &ops[i] {
+                Op::Add(r, _) => Some((i, r)),
+                Op::Remove(..) => None,
+            })
+            .collect();
+        if !adds.is_empty() {
+            let statement = sql::sqlite::add_many(adds.len());
+            let mut query = sqlx::query_scalar::<_, String>(&statement);
+            for (_, r) in &adds {
+                query = query
+                    .bind(r.id().as_str())
+                    .bind(r.user().as_str())
+                    .bind(r.node().as_str())
+                    .bind(r.user_agent())
+                    .bind(r.connected_at_millis());
+            }
+            let inserted = query
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(|e| batch_error(d, e))?;
+            let inserted: HashSet<&str> = inserted.iter().map(String::as_str).collect();
+            for (i, r) in &adds {
+                changed[*i] = inserted.contains(r.id().as_str());
+            }
+        }
+        let removes: Vec<(usize, &UserId, &ConnectionId)> = run
+            .filter_map(|i| match &ops[i] {
+                Op::Remove(user, id, _) => Some((i, user, id)),
+                Op::Add(..) => None,
+            })
+            .collect();
+        if !removes.is_empty() {
+            let statement = sql::sqlite::remove_many(removes.len());
+            let mut query = sqlx::query_scalar::<_, String>(&statement);
+            for (_, user, id) in &removes {
+                query = query.bind(id.as_str()).bind(user.as_str());
+            }
+            let removed = query
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(|e| batch_error(d, e))?;
+            let removed: HashSet<&str> = removed.iter().map(String::as_str).collect();
+            for (i, _, id) in &removes {
+                changed[*i] = removed.contains(id.as_str());
+            }
+        }
+    }
+    tx.commit().await.map_err(|e| batch_error(d, e))?;
+    Ok(changed)
+}
+
+/// PostgreSQL: the batch is cut, in arrival order, into runs of operations on distinct
+/// connection ids (operations on distinct ids commute); each run is one `INSERT … SELECT FROM
+/// unnest(…)` for its adds and one `DELETE … USING unnest(…)` for its removals, all in one
+/// transaction. The per-row triggers keep `users` exact as for single statements.
+async fn pg_batch(pool: &PgPool, ops: &[Op]) -> Result<Vec<bool>, BatchError> {
+    let d = Dialect::Postgres;
+    let mut tx = pool.begin().await.map_err(|e| batch_error(d, e))?;
+    let mut changed = vec![false; ops.len()];
+    for run in runs(ops) {
+        let adds: Vec<(usize, &ConnectionRecord)> = run
+            .clone()
+            .filter_map(|i| match &ops[i] {
+                Op::Add(r, _) => Some((i, r)),
+                Op::Remove(..) => None,
+            })
+            .collect();
+        if !adds.is_empty() {
+            let inserted: Vec<String> = sqlx::query_scalar(sql::pg::ADD_MANY)
+                .bind(
+                    adds.iter()
+                        .map(|(_, r)| r.id().as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    adds.iter()
+                        .map(|(_, r)| r.user().as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    adds.iter()
+                        .map(|(_, r)| r.node().as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(adds.iter().map(|(_, r)| r.user_agent()).collect::<Vec<_>>())
+                .bind(
+                    adds.iter()
+                        .map(|(_, r)| r.connected_at_millis())
+                        .collect::<Vec<_>>(),
+                )
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(|e| batch_error(d, e))?;
+            let inserted: HashSet<&str> = inserted.iter().map(String::as_str).collect();
+            for (i, r) in &adds {
+                changed[*i] = inserted.contains(r.id().as_str());
+            }
+        }
+
+        let removes: Vec<(usize, &UserId, &ConnectionId)> = run
+            .filter_map(|i| match &ops[i] {
+                Op::Remove(user, id, _) => Some((i, user, id)),
+                Op::Add(..) => None,
+            })
+            .collect();
+        if !removes.is_empty() {
+            let removed: Vec<String> = sqlx::query_scalar(sql::pg::REMOVE_MANY)
+                .bind(
+                    removes
+                        .iter()
+                        .map(|(_, _, id)| id.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    removes
+                        .iter()
+                        .map(|(_, u, _)| u.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(|e| batch_error(d, e))?;
+            let removed: HashSet<&str> = removed.iter().map(String::as_str).collect();
+            for (i, _, id) in &removes {
+                changed[*i] = removed.contains(id.as_str());
+            }
+        }
+    }
+    tx.commit().await.map_err(|e| batch_error(d, e))?;
+    Ok(changed)
+}
+
 #[async_trait]
 impl ConnectionStore for SqlStore {
     fn capabilities(&self) -> Capabilities {
@@ -747,38 +1204,13 @@ impl ConnectionStore for SqlStore {
     }
 
     async fn add(&self, record: ConnectionRecord) -> Result<(), StoreError> {
-        let inserted = write_record!(self, ADD, &record)?;
-        if inserted == 0 {
-            return Err(StoreError::Conflict {
-                user: record.user().clone(),
-                id: record.id().clone(),
-            });
-        }
-        Ok(())
+        self.writer.submit(|reply| Op::Add(record, reply)).await
     }
 
     async fn remove(&self, user: &UserId, id: &ConnectionId) -> Result<Removal, StoreError> {
-        let removed = match &*self.inner {
-            Inner::Sqlite { write, .. } => sqlx::query(sql::sqlite::REMOVE)
-                .bind(id.as_str())
-                .bind(user.as_str())
-                .execute(write)
-                .await
-                .map_err(|e| store_error(Dialect::Sqlite, e))?
-                .rows_affected(),
-            Inner::Postgres { pool, .. } => sqlx::query(sql::pg::REMOVE)
-                .bind(id.as_str())
-                .bind(user.as_str())
-                .execute(pool)
-                .await
-                .map_err(|e| store_error(Dialect::Postgres, e))?
-                .rows_affected(),
-        };
-        Ok(if removed == 0 {
-            Removal::NotFound
-        } else {
-            Removal::Removed
-        })
+        self.writer
+            .submit(|reply| Op::Remove(user.clone(), id.clone(), reply))
+            .await
     }
 
     async fn reconnect(&self, record: ConnectionRecord) -> Result<(), StoreError> {
