@@ -782,21 +782,21 @@ mod sql {
 /// Runs one statement binding a record's five columns, on either dialect; answers the rows it
 /// changed.
 macro_rules! write_record {
-    ($self:ident, $stmt:ident, $record:expr) => {{
+    ($db:expr, $stmt:ident, $record:expr) => {{
         let r = $record;
         let agent = r.user_agent();
-        match &*$self.inner {
-            Inner::Sqlite { write, .. } => sqlx::query(sql::sqlite::$stmt)
+        match $db {
+            Db::Sqlite(pool) => sqlx::query(sql::sqlite::$stmt)
                 .bind(r.id().as_str())
                 .bind(r.user().as_str())
                 .bind(r.node().as_str())
                 .bind(agent)
                 .bind(r.connected_at_millis())
-                .execute(write)
+                .execute(pool)
                 .await
                 .map(|done| done.rows_affected())
                 .map_err(|e| store_error(Dialect::Sqlite, e)),
-            Inner::Postgres { pool, .. } => sqlx::query(sql::pg::$stmt)
+            Db::Postgres(pool) => sqlx::query(sql::pg::$stmt)
                 .bind(r.id().as_str())
                 .bind(r.user().as_str())
                 .bind(r.node().as_str())
@@ -986,16 +986,7 @@ async fn run_one(db: &Db, op: Op) {
         return;
     }
     let changed = match (db, &op) {
-        (Db::Sqlite(pool), Op::Add(r, _)) => sqlx::query(sql::sqlite::ADD)
-            .bind(r.id().as_str())
-            .bind(r.user().as_str())
-            .bind(r.node().as_str())
-            .bind(r.user_agent())
-            .bind(r.connected_at_millis())
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected())
-            .map_err(|e| store_error(Dialect::Sqlite, e)),
+        (_, Op::Add(r, _)) => write_record!(db, ADD, r),
         (Db::Sqlite(pool), Op::Remove(user, id, _)) => sqlx::query(sql::sqlite::REMOVE)
             .bind(id.as_str())
             .bind(user.as_str())
@@ -1003,16 +994,6 @@ async fn run_one(db: &Db, op: Op) {
             .await
             .map(|done| done.rows_affected())
             .map_err(|e| store_error(Dialect::Sqlite, e)),
-        (Db::Postgres(pool), Op::Add(r, _)) => sqlx::query(sql::pg::ADD)
-            .bind(r.id().as_str())
-            .bind(r.user().as_str())
-            .bind(r.node().as_str())
-            .bind(r.user_agent())
-            .bind(r.connected_at_millis())
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected())
-            .map_err(|e| store_error(Dialect::Postgres, e)),
         (Db::Postgres(pool), Op::Remove(user, id, _)) => sqlx::query(sql::pg::REMOVE)
             .bind(id.as_str())
             .bind(user.as_str())
@@ -1214,7 +1195,7 @@ impl ConnectionStore for SqlStore {
     }
 
     async fn reconnect(&self, record: ConnectionRecord) -> Result<(), StoreError> {
-        let changed = write_record!(self, RECONNECT, &record)?;
+        let changed = write_record!(&self.writer.db, RECONNECT, &record)?;
         if changed == 0 {
             // The id is recorded for another user: ids belong to one user for life, so this
             // is a caller's bug; the other user's record stays.
