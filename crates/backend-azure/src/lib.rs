@@ -1025,3 +1025,6 @@ mod tests {
         assert_eq!(back.0, 1_764_690_600_123_000);
     }
 }
+
+#[cfg(test)]
+mod azurite_tests;
