@@ -17,11 +17,15 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use switchboard_core::{ConnectionId, Lease, Removal, StoreError, UserId};
 use tokio::time::Instant;
 
 use crate::delivery::Router;
 use crate::throttle::Throttle;
+
+/// Upserts in flight while live connections are recorded again after a lapsed lease.
+const RERECORD_IN_FLIGHT: usize = 32;
 
 /// Log lines about removals that failed again.
 static RETRY_FAILED: Throttle = Throttle::new(1, Duration::from_secs(10));
@@ -161,29 +165,42 @@ impl Maintenance {
         }
     }
 
-    /// Records every live connection of this node again (an upsert each).
+    /// Records every live connection of this node again (an upsert each, up to
+    /// [`RERECORD_IN_FLIGHT`] at a time). The pass stops at the first failure and the next
+    /// round starts it again: during an outage every upsert would wait out the store's
+    /// retry budget, and a pass over thousands of connections would hold up the lease
+    /// renewals behind it.
     async fn rerecord(&self, router: &Router) {
         let records = router.registry.records(&router.node);
-        let mut failed = 0usize;
-        for record in records {
-            let (user, id) = (record.user().clone(), record.id().clone());
-            match router.store.reconnect(record).await {
+        let total = records.len();
+        let mut upserts =
+            futures_util::stream::iter(records.into_iter().map(|record| async move {
+                let (user, id) = (record.user().clone(), record.id().clone());
+                (router.store.reconnect(record).await, user, id)
+            }))
+            .buffer_unordered(RERECORD_IN_FLIGHT);
+        let mut done = 0usize;
+        while let Some((result, user, id)) = upserts.next().await {
+            match result {
                 Ok(()) => {
+                    done += 1;
                     // The connection may have closed (and been removed) meanwhile: then the
                     // record just written is stale.
                     if !router.registry.contains(&id) {
                         self.retry_removal(user, id);
                     }
                 }
-                Err(_) => failed += 1,
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        recorded = done,
+                        total,
+                        "could not record every live connection again; retrying next round"
+                    );
+                    self.state().rerecord = true;
+                    return;
+                }
             }
-        }
-        if failed > 0 {
-            tracing::warn!(
-                failed,
-                "could not record every live connection again; retrying"
-            );
-            self.state().rerecord = true;
         }
     }
 
