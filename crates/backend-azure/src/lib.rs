@@ -55,7 +55,7 @@
 //! | `connections(user)` | 1 partition query (plus the lease partition, see above) |
 //! | `users`, `counts` | a scan of the whole table, page by page (1000 entities a page) |
 //! | `heartbeat` | 2 (read the old lease, write the new one) |
-//! | `sweep` | a scan of the whole table, the lease partition twice, and the deletes, batched 100 per partition in entity-group transactions |
+//! | `sweep` | the lease partition twice, a scan filtered on the service's side to the records of nodes without a live lease, and the deletes, batched 100 per partition in entity-group transactions |
 //! | `release` | a scan filtered on the node, and batched deletes |
 //!
 //! Listing users is [`UserListing::FullScan`]: the service has no secondary index, and a
@@ -117,6 +117,8 @@ const CLOCK_ROW: &str = "!clock";
 const CONNECTIONS: &str = "PartitionKey gt '!leases'";
 /// How old the cached lease partition may be when a lookup doubts a node.
 const LEASE_VIEW_FRESH: Duration = Duration::from_millis(100);
+/// The most live nodes a sweep names in its filter; with more, it scans every record.
+const MAX_FILTERED_NODES: usize = 40;
 /// How long a clock reading is trusted before it is taken again.
 const CLOCK_FRESH: Duration = Duration::from_secs(60);
 /// The first backoff between retries, and the cap.
@@ -932,11 +934,27 @@ impl ConnectionStore for AzureStore {
     }
 
     async fn sweep(&self) -> Result<u64, StoreError> {
-        let rows = self
-            .scan(CONNECTIONS.to_owned(), "PartitionKey,RowKey,Node,Timestamp")
-            .await?;
-        // Read the leases after the scan, so that a node that renewed while the scan ran
-        // keeps its records.
+        // The scan asks the service for the records of every node that holds no live lease
+        // (filtered on the service's side, so only those cross the wire).
+        let before = self.refresh_leases().await?;
+        let now = self.now().await?;
+        let mut live: Vec<&str> = before
+            .leases
+            .iter()
+            .filter(|(_, lease)| lease.expires > now)
+            .map(|(node, _)| node.as_str())
+            .collect();
+        live.sort_unstable();
+        let filter = if live.len() <= MAX_FILTERED_NODES {
+            live.iter().fold(CONNECTIONS.to_owned(), |filter, node| {
+                format!("{filter} and Node ne {}", keys::literal(node))
+            })
+        } else {
+            CONNECTIONS.to_owned()
+        };
+        let rows = self.scan(filter, "PartitionKey,RowKey,Node").await?;
+        // Read the leases again after the scan: a node that renewed meanwhile (and may have
+        // recorded its connections again before the scan read them) keeps its records.
         let view = self.refresh_leases().await?;
         let now = self.now().await?;
         let doomed: Vec<_> = rows
