@@ -122,8 +122,14 @@ fn failure(error: azure_core::Error) -> Failure {
     }
 }
 
-/// The error and its sources, on one line (the SDK's top-level messages say little).
+/// The error and its sources, on one line (the SDK's top-level messages say little), with
+/// the query of every URL in it cut off: with shared access signature credentials the query
+/// holds the signature, which must never reach a log or an error message.
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    redact_queries(&chain_text(error))
+}
+
+fn chain_text(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -135,6 +141,35 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+/// `text` with the query string of every `http://` or `https://` URL replaced by `?…`.
+fn redact_queries(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let next_url = |text: &str| {
+        [text.find("http://"), text.find("https://")]
+            .into_iter()
+            .flatten()
+            .min()
+    };
+    while let Some(start) = next_url(rest) {
+        out.push_str(&rest[..start]);
+        let url = &rest[start..];
+        let end = url
+            .find(|c: char| c.is_whitespace() || matches!(c, ')' | '"' | '\'' | '>'))
+            .unwrap_or(url.len());
+        match url[..end].find('?') {
+            Some(query) => {
+                out.push_str(&url[..query]);
+                out.push_str("?…");
+            }
+            None => out.push_str(&url[..end]),
+        }
+        rest = &url[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// What [`Table::insert`] did.
@@ -390,5 +425,26 @@ impl Table {
                 }),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_in_urls_never_reach_messages() {
+        let text = "error sending request for url (http://127.0.0.1:1/acct/Tables?sv=2019-02-02&sig=SECRET): \
+                    connection refused; see https://example.invalid/x?sig=OTHER and http://h/p";
+        let redacted = redact_queries(text);
+        assert!(
+            !redacted.contains("SECRET") && !redacted.contains("OTHER"),
+            "{redacted}"
+        );
+        assert_eq!(
+            redacted,
+            "error sending request for url (http://127.0.0.1:1/acct/Tables?…): connection \
+             refused; see https://example.invalid/x?… and http://h/p"
+        );
     }
 }
