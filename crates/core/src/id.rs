@@ -64,7 +64,7 @@ pub struct UserId(Arc<str>);
 
 impl UserId {
     /// Longest accepted user id, in bytes, after trimming.
-    pub const MAX_LEN: usize = 256;
+    pub const MAX_LEN: usize = 1024;
 
     /// Builds a user id from raw text, applying the normalization rule described on the type.
     ///
@@ -269,8 +269,8 @@ mod tests {
             Err(InvalidId::Empty { kind: "user id" })
         );
         assert!(matches!(
-            UserId::new(&"x".repeat(257)),
-            Err(InvalidId::TooLong { len: 257, .. })
+            UserId::new(&"x".repeat(1025)),
+            Err(InvalidId::TooLong { len: 1025, .. })
         ));
         assert!(matches!(
             UserId::new("a\u{0}b"),

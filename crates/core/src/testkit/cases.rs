@@ -297,7 +297,7 @@ pub async fn unknown_removals_are_harmless(harness: &dyn Harness) {
 
 /// User ids are normalized by `UserId::new` only (surrounding whitespace) and stores keep them
 /// byte for byte: case matters, and characters that some backends reserve in keys
-/// (`/ \ # ?`, quotes, non-ASCII) round-trip.
+/// (`/ \ # ?`, quotes, `%`, non-ASCII) round-trip, as do ids of the longest allowed length.
 pub async fn user_ids_are_normalized_once_and_compared_exactly(harness: &dyn Harness) {
     let store = fresh(harness).await;
     // Added with surrounding whitespace, found and removed without: one normalization.
@@ -320,11 +320,21 @@ pub async fn user_ids_are_normalized_once_and_compared_exactly(harness: &dyn Har
         assert_eq!(ids, ["c2"], "removing Mixed.Case must not touch mixed.case");
     }
 
+    let longest = "n".repeat(UserId::MAX_LEN);
+    let longest_wide = "é".repeat(UserId::MAX_LEN / 2);
     let tricky = [
         "a/b\\c#d?e",
         "quote'\"s; --",
+        "o'brien",
+        "#",
+        "?",
+        "%",
+        "~41",
+        "!leases",
         "Åsa Öberg 名前 🚀",
         "%2F%00plus+space  in the middle",
+        longest.as_str(),
+        longest_wide.as_str(),
     ];
     for (i, name) in tricky.iter().enumerate() {
         add_ok(&*store, record(&format!("t{i}"), name, "n")).await;
