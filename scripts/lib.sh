@@ -55,11 +55,13 @@ ensure_node() {
 }
 
 # web/node_modules installed from web/package-lock.json (npm ci), skipped when
-# it is already in step with the lockfile.
+# it is already in step with the lockfile. Besides the SignalR client it holds
+# Azurite, which the Rust tests of the azure store start too.
 ensure_node_modules() {
   local web="$REPO_ROOT/web"
   local stamp="$web/node_modules/.package-lock.json"
   if [ -f "$stamp" ] && [ -d "$web/node_modules/@microsoft/signalr/dist/browser" ] &&
+    [ -x "$web/node_modules/.bin/azurite-table" ] &&
     [ ! "$web/package-lock.json" -nt "$stamp" ] && [ ! "$web/package.json" -nt "$stamp" ]; then
     info "web/node_modules is up to date"
     return
@@ -116,6 +118,50 @@ start_redis() {
     tail -n 5 "$log" >&2
   done
   die "could not start redis-server"
+}
+
+# The azurite-table executable of web/node_modules (npm package azurite).
+azurite_table_bin() {
+  printf '%s\n' "${SWITCHBOARD_AZURITE_TABLE:-$REPO_ROOT/web/node_modules/.bin/azurite-table}"
+}
+
+# Whether something accepts TCP connections on 127.0.0.1:PORT.
+port_accepts() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# start_azurite VAR: starts a throwaway Azurite table service (in memory) on a
+# free loopback port, waits until it accepts connections, appends its PID to
+# STARTED_PIDS and its directory (cwd and log) to TEMP_DIRS, and sets and
+# exports VAR as a full connection string of the development storage account
+# pointed at it. Not to be run in a subshell.
+start_azurite() {
+  local var="$1" bin dir port pid attempt i
+  bin="$(azurite_table_bin)"
+  [ -x "$bin" ] || die "Azurite is not installed at $bin: run npm ci --prefix web"
+  for attempt in 1 2 3; do
+    port="$(free_port)"
+    dir="$(mktemp -d /tmp/switchboard-azurite-XXXXXX)"
+    TEMP_DIRS+=("$dir")
+    (cd "$dir" && exec "$bin" --tableHost 127.0.0.1 --tablePort "$port" --inMemoryPersistence \
+      --disableTelemetry >"$dir/azurite.log" 2>&1 </dev/null) &
+    pid=$!
+    STARTED_PIDS+=("$pid")
+    for i in $(seq 1 300); do
+      if port_accepts "$port"; then
+        info "Azurite table service (PID $pid) on 127.0.0.1:$port"
+        printf -v "$var" '%s' "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;TableEndpoint=http://127.0.0.1:$port/devstoreaccount1;"
+        export "${var?}"
+        return 0
+      fi
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    stop_pid "$pid"
+    info "Azurite on port $port did not accept connections (attempt $attempt):"
+    tail -n 10 "$dir/azurite.log" >&2
+  done
+  die "could not start Azurite"
 }
 
 # stop_pid PID: SIGTERM, then SIGKILL when it is still running after 5 s; waits for it.

@@ -6,13 +6,15 @@
 # missing; only their binaries are used: every Redis and PostgreSQL the tests
 # need is started here (or by the test itself) on a free loopback port, with
 # its data in a temporary directory (PostgreSQL as the postgres user when
-# root), and stopped again.
+# root), and stopped again. Azurite (the Azure Storage emulator, for the azure
+# store) comes from web/node_modules, installed before the Rust tests run,
+# which start it too.
 #
 #   bash scripts/test.sh
 #
 # Environment:
-#   SWITCHBOARD_BIN   server binary for the end-to-end tests, with the groups
-#                     and sql stores and both backplanes (default features)
+#   SWITCHBOARD_BIN   server binary for the end-to-end tests, with the groups,
+#                     sql and azure stores and both backplanes (default features)
 #                     (default: target/debug/switchboard, built here)
 #   CHROMIUM_PATH     Chromium for the browser tests (default: /usr/bin/chromium)
 #   SKIP_RUST=1       skip fmt, clippy and cargo test (still builds the binary)
@@ -75,7 +77,7 @@ build_server() {
     [ -x "$SWITCHBOARD_BIN" ] || die "SWITCHBOARD_BIN=$SWITCHBOARD_BIN is not an executable"
     return
   fi
-  # The default features include the groups and sql stores and both backplanes.
+  # The default features include the groups, sql and azure stores and both backplanes.
   section "cargo build -p switchboard --bin switchboard"
   cargo build -p switchboard --bin switchboard
   SWITCHBOARD_BIN="$REPO_ROOT/target/debug/switchboard"
@@ -131,8 +133,9 @@ check_run_command() {
 # on the first (multinode.test.mjs among it, which starts its own Redis and
 # three nodes per deployment whatever the target), the official-client
 # interop tests on the others. A target whose backplane is redis gets a
-# redis-server of its own; a sql target gets a PostgreSQL of its own.
-E2E_TARGETS=("memory:none" "groups:redis" "sql:postgres")
+# redis-server of its own; a sql target gets a PostgreSQL of its own, an azure
+# target an Azurite table service (in memory) of its own.
+E2E_TARGETS=("memory:none" "groups:redis" "sql:postgres" "azure:redis")
 
 run_js_tests() {
   local target status=0 first=1
@@ -152,7 +155,7 @@ run_js_suite() {
   local store="${1%%:*}" backplane="${1#*:}"
   shift
   section "End-to-end tests (store $store, backplane $backplane): node --test web/tests/"
-  local started=$SECONDS report status=0 args="" redis_pid="" pg_pid=""
+  local started=$SECONDS report status=0 args="" redis_pid="" pg_pid="" azurite_pid=""
   report="$(mktemp)"
   TEMP_FILES+=("$report")
   if [ "$backplane" = redis ]; then
@@ -165,6 +168,11 @@ run_js_suite() {
     pg_pid="${STARTED_PIDS[-1]}"
     args="$args --database-url $E2E_DATABASE_URL"
   fi
+  if [ "$store" = azure ]; then
+    start_azurite E2E_AZURE_CONNECTION_STRING
+    azurite_pid="${STARTED_PIDS[-1]}"
+    args="$args --azure-connection-string $E2E_AZURE_CONNECTION_STRING"
+  fi
   # One file at a time: each starts its own servers and browsers, and the
   # timings of the checks are steadier without them competing for the CPU.
   SWITCHBOARD_BIN="$SWITCHBOARD_BIN" SWITCHBOARD_E2E_STORE="$store" \
@@ -174,6 +182,7 @@ run_js_suite() {
     "$@" || status=$?
   if [ -n "$redis_pid" ]; then stop_pid "$redis_pid"; fi
   if [ -n "$pg_pid" ]; then stop_pid "$pg_pid"; fi
+  if [ -n "$azurite_pid" ]; then stop_pid "$azurite_pid"; fi
   local passed failed cancelled
   passed="$(sed -n 's/^# pass \([0-9]*\)$/\1/p' "$report" | tail -n 1)"
   failed="$(sed -n 's/^# fail \([0-9]*\)$/\1/p' "$report" | tail -n 1)"
@@ -198,6 +207,7 @@ main() {
   have cargo || die "cargo not found: install the Rust toolchain (https://rustup.rs)"
   ensure_node
   ensure_chromium
+  # Before the Rust tests: they start Azurite from web/node_modules/.bin.
   ensure_node_modules
   ensure_redis
   ensure_postgres

@@ -1,12 +1,14 @@
 // Three nodes with the official @microsoft/signalr Node client: deliveries
 // across nodes, a node killed outright, and the broker restarted while
 // messages are flowing. Once per deployment that spans servers: the groups
-// store over Redis, the sql store on PostgreSQL over Redis, and the sql store
-// on PostgreSQL alone (its backplane in PostgreSQL too).
+// store over Redis, the sql store on PostgreSQL over Redis, the sql store on
+// PostgreSQL alone (its backplane in PostgreSQL too), and the azure store on
+// Azurite over Redis and over PostgreSQL.
 //
-// Needs a server binary with the groups and sql stores and both backplanes
-// (the default features), `redis-server` and PostgreSQL's server binaries;
-// it starts its own Redis and PostgreSQL on free loopback ports.
+// Needs a server binary with the groups, sql and azure stores and both
+// backplanes (the default features), `redis-server`, PostgreSQL's server
+// binaries and Azurite (web/node_modules); it starts its own Redis, PostgreSQL
+// and Azurite on free loopback ports.
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import net from 'node:net';
@@ -19,6 +21,7 @@ import {
   freePort,
   mintToken,
   newSecret,
+  runBinary,
   signalR,
   sleep,
   startServer,
@@ -26,6 +29,7 @@ import {
   waitUntil,
   withTimeout,
 } from './support.mjs';
+import { startAzurite } from './azurite.mjs';
 import { startPostgres } from './postgres.mjs';
 
 const TEST_TIMEOUT = 90_000;
@@ -116,7 +120,12 @@ const DEPLOYMENTS = [
   { name: 'groups store, Redis backplane', store: 'groups', backplane: 'redis', redis: true, postgres: false },
   { name: 'sql store on PostgreSQL, Redis backplane', store: 'sql', backplane: 'redis', redis: true, postgres: true },
   { name: 'sql store on PostgreSQL, PostgreSQL backplane', store: 'sql', backplane: 'postgres', redis: false, postgres: true },
+  { name: 'azure store on Azurite, Redis backplane', store: 'azure', backplane: 'redis', redis: true, postgres: false, azure: true },
+  { name: 'azure store on Azurite, PostgreSQL backplane', store: 'azure', backplane: 'postgres', redis: false, postgres: true, azure: true },
 ];
+
+/** The table the azure store keeps its records in (the server's default). */
+const AZURE_TABLE = 'connection';
 
 for (const deployment of DEPLOYMENTS) scenario(deployment);
 
@@ -128,6 +137,7 @@ describe(`three nodes, ${deployment.name}`, { timeout: 300_000 }, () => {
   let redis;
   let redisPort;
   let postgres;
+  let azurite;
   // Redis instances stopped during the tests, for their logs.
   const stoppedRedis = [];
   // alice on node 1 and node 2, bob on node 3, connected before the tests.
@@ -154,6 +164,10 @@ describe(`three nodes, ${deployment.name}`, { timeout: 300_000 }, () => {
       postgres = await startPostgres(await freePort());
       args.push('--database-url', postgres.url);
     }
+    if (deployment.azure) {
+      azurite = await startAzurite();
+      args.push('--azure-connection-string', azurite.connectionString);
+    }
     const target = { store: deployment.store, backplane: deployment.backplane, args };
     for (let i = 0; i < 3; i++) {
       nodes.push(await startServer({ jwtSecret: secret, target, args: ['--node-lease', String(NODE_LEASE_SECONDS)] }));
@@ -168,6 +182,7 @@ describe(`three nodes, ${deployment.name}`, { timeout: 300_000 }, () => {
     await Promise.all(nodes.map((n) => n.stop()));
     await redis?.kill('SIGTERM').catch(() => redis.kill('SIGKILL'));
     await postgres?.remove();
+    await azurite?.remove();
   });
 
   async function connectAs(node, user, label) {
@@ -179,6 +194,16 @@ describe(`three nodes, ${deployment.name}`, { timeout: 300_000 }, () => {
   function invoke(c, who, text, timeoutMs = WAIT_MS) {
     return withTimeout(c.connection.invoke('SendChatMessage', who, text), timeoutMs, `SendChatMessage(${JSON.stringify(who)}, ${JSON.stringify(text)})`);
   }
+
+  /** `switchboard <args> --store azure ... --json`, read straight from the table; its JSON answer. */
+  async function operator(...args) {
+    const r = await runBinary([...args, '--store', 'azure', '--azure-connection-string', azurite.connectionString, '--json']);
+    assert.equal(r.code, 0, `switchboard ${args.join(' ')} failed: ${r.stderr}`);
+    return JSON.parse(r.stdout);
+  }
+
+  /** Carol's entities in the azure store's table, whatever their node's lease. */
+  const carolEntities = () => azurite.entities(AZURE_TABLE, "User eq 'carol'");
 
   /** Messages other than the reachability probes. */
   const chat = (c) => c.inbox.messages.filter((m) => !PROBE.test(m));
@@ -210,6 +235,7 @@ describe(`three nodes, ${deployment.name}`, { timeout: 300_000 }, () => {
       for (const [i, n] of nodes.entries()) console.error(`--- node ${i + 1} (port ${n.port}) log ---\n${n.logs()}`);
       for (const r of [...stoppedRedis, redis].filter(Boolean)) console.error(`--- redis-server log ---\n${r.logs()}`);
       if (postgres) console.error(`--- postgres log ---\n${postgres.logs()}`);
+      if (azurite) console.error(`--- azurite log ---\n${azurite.logs()}`);
       throw err;
     }
   }
@@ -235,8 +261,16 @@ describe(`three nodes, ${deployment.name}`, { timeout: 300_000 }, () => {
       const carol = await connectAs(1, 'carol', 'carol@node2');
       await waitReachable(bob, 'carol', [carol]);
       aliceOn1.inbox.clear();
+      if (deployment.azure) {
+        // The operators' view and the table itself hold carol's one connection.
+        const rows = await operator('connections', 'carol');
+        assert.deepEqual(rows.map((r) => r.id), [carol.connection.connectionId], 'carol’s connection, read from the store');
+        assert.ok((await operator('users')).includes('carol'), 'carol is listed');
+        assert.equal((await carolEntities()).length, 1, 'carol’s entity in the table');
+      }
 
       nodes[1].process.kill('SIGKILL');
+      const killedAt = Date.now();
       const exit = await withTimeout(nodes[1].exited, WAIT_MS, 'node 2 to exit after SIGKILL');
       assert.equal(exit.signal, 'SIGKILL', 'node 2 was killed');
 
@@ -265,6 +299,21 @@ describe(`three nodes, ${deployment.name}`, { timeout: 300_000 }, () => {
       assert.ok(bob.inbox.errors.length >= 1);
       for (const e of bob.inbox.errors) assert.equal(e, expectedError, 'the only error bob gets is that carol is not connected');
       assert.deepEqual(bob.inbox.messages, [], 'bob receives nothing else');
+
+      if (deployment.azure) {
+        // Lookups and listings leave carol out from the lease's expiry on; the sweep of a
+        // surviving node then deletes her entity from the table (within a third of the lease
+        // after expiry, plus a margin for a 2-core machine).
+        assert.deepEqual(await operator('connections', 'carol'), [], 'carol has no live connection');
+        assert.ok(!(await operator('users')).includes('carol'), 'carol is not listed');
+        await waitUntil(async () => (await carolEntities()).length === 0, 'carol’s entity to be swept from the table', {
+          timeoutMs: NODE_LEASE_SECONDS * 3 * 1000 + 5_000,
+          intervalMs: 200,
+        });
+        const sweptAfter = Date.now() - killedAt;
+        assert.ok(sweptAfter >= (NODE_LEASE_SECONDS * 1000) / 3, `swept ${sweptAfter} ms after the kill: the entity outlived the process until the lease ran out`);
+        assert.deepEqual((await operator('users')).filter((u) => u === 'alice' || u === 'bob'), ['alice', 'bob'], 'the live users are still listed');
+      }
     }));
 
   if (deployment.backplane === 'redis') test('Redis restarted while bob streams to alice: every message arrives once and in order, and same-node delivery goes on during the outage', { timeout: TEST_TIMEOUT }, () =>

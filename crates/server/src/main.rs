@@ -66,6 +66,20 @@ struct StoreArgs {
         default_value_t = stores::DEFAULT_DATABASE_ACQUIRE_TIMEOUT.as_secs_f64()
     )]
     database_acquire_timeout: f64,
+    /// Storage account of `--store azure`: its connection string
+    /// (DefaultEndpointsProtocol=https;AccountName=...;AccountKey=...;EndpointSuffix=..., or
+    /// with TableEndpoint=...), or UseDevelopmentStorage=true for Azurite on its default
+    /// port. Never printed.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_AZURE_CONNECTION_STRING",
+        hide_env_values = true
+    )]
+    azure_connection_string: Option<String>,
+    /// Table that holds the azure store's records (created if missing): 3-63 letters and
+    /// digits, starting with a letter.
+    #[arg(long, env = "SWITCHBOARD_AZURE_TABLE", default_value = stores::DEFAULT_AZURE_TABLE)]
+    azure_table: String,
 }
 
 impl StoreArgs {
@@ -78,6 +92,8 @@ impl StoreArgs {
                 self.database_acquire_timeout,
                 "--database-acquire-timeout",
             )?,
+            azure_connection_string: self.azure_connection_string.clone(),
+            azure_table: self.azure_table.clone(),
         })
     }
 }

@@ -58,8 +58,9 @@ impl fmt::Display for BackplaneKind {
     }
 }
 
-/// What a store is opened with (the `--database-*` flags).
-#[derive(Debug, Clone)]
+/// What a store is opened with (the `--database-*` and `--azure-*` flags). Its `Debug` form
+/// leaves out the database URL and the connection string, which may hold secrets.
+#[derive(Clone)]
 pub struct StoreSettings {
     /// The database of the `sql` store: `sqlite://path` (created if missing),
     /// `sqlite::memory:` or `postgres://user:password@host:port/database`.
@@ -71,6 +72,13 @@ pub struct StoreSettings {
     /// How long an operation waits for a free database connection (or a new one) before it
     /// fails as unavailable: how fast a database that went away is noticed.
     pub database_acquire_timeout: std::time::Duration,
+    /// The storage account of the `azure` store: its connection string
+    /// (`DefaultEndpointsProtocol=…;AccountName=…;AccountKey=…` with `EndpointSuffix=…` or
+    /// `TableEndpoint=…`), or `UseDevelopmentStorage=true` for Azurite on its default port.
+    /// Holds the account key.
+    pub azure_connection_string: Option<String>,
+    /// The table the `azure` store keeps its records in (created if missing).
+    pub azure_table: String,
 }
 
 impl Default for StoreSettings {
@@ -80,7 +88,29 @@ impl Default for StoreSettings {
             database_schema: DEFAULT_DATABASE_SCHEMA.to_owned(),
             database_pool_size: DEFAULT_DATABASE_POOL_SIZE,
             database_acquire_timeout: DEFAULT_DATABASE_ACQUIRE_TIMEOUT,
+            azure_connection_string: None,
+            azure_table: DEFAULT_AZURE_TABLE.to_owned(),
         }
+    }
+}
+
+impl fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted = |set: bool| if set { "Some(<redacted>)" } else { "None" };
+        f.debug_struct("StoreSettings")
+            .field(
+                "database_url",
+                &format_args!("{}", redacted(self.database_url.is_some())),
+            )
+            .field("database_schema", &self.database_schema)
+            .field("database_pool_size", &self.database_pool_size)
+            .field("database_acquire_timeout", &self.database_acquire_timeout)
+            .field(
+                "azure_connection_string",
+                &format_args!("{}", redacted(self.azure_connection_string.is_some())),
+            )
+            .field("azure_table", &self.azure_table)
+            .finish()
     }
 }
 
@@ -90,6 +120,12 @@ pub const DEFAULT_DATABASE_SCHEMA: &str = "public";
 pub const DEFAULT_DATABASE_POOL_SIZE: u32 = 16;
 /// The default of [`StoreSettings::database_acquire_timeout`].
 pub const DEFAULT_DATABASE_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// The default of [`StoreSettings::azure_table`].
+#[cfg(feature = "azure")]
+pub const DEFAULT_AZURE_TABLE: &str = switchboard_azure::DEFAULT_TABLE;
+/// The default of [`StoreSettings::azure_table`].
+#[cfg(not(feature = "azure"))]
+pub const DEFAULT_AZURE_TABLE: &str = "connection";
 
 /// What a backplane is opened with (the `--backplane-*` and `--redis-*` flags).
 #[derive(Debug, Clone)]
@@ -259,6 +295,8 @@ pub fn compiled() -> Vec<Capabilities> {
     stores.push(switchboard_groups::GroupStore::CAPABILITIES);
     #[cfg(feature = "sql")]
     stores.push(switchboard_sql::SqlStore::CAPABILITIES);
+    #[cfg(feature = "azure")]
+    stores.push(switchboard_azure::AzureStore::CAPABILITIES);
     stores
 }
 
@@ -316,13 +354,64 @@ pub async fn open(
                     })?;
             Ok(Arc::new(store))
         }
-        other => Err(OpenError::NotCompiled {
-            requested: other,
-            available: compiled()
-                .iter()
-                .map(|c| c.strategy)
-                .collect::<Vec<_>>()
-                .join(", "),
-        }),
+        #[cfg(feature = "azure")]
+        StoreKind::Azure => azure::open(settings).await,
+        #[cfg(not(feature = "groups"))]
+        StoreKind::Groups => Err(not_compiled(kind)),
+        #[cfg(not(feature = "sql"))]
+        StoreKind::Sql => Err(not_compiled(kind)),
+        #[cfg(not(feature = "azure"))]
+        StoreKind::Azure => Err(not_compiled(kind)),
+    }
+}
+
+/// [`OpenError::NotCompiled`] for `kind`, naming the stores this build has.
+#[cfg(not(all(feature = "groups", feature = "sql", feature = "azure")))]
+fn not_compiled(kind: StoreKind) -> OpenError {
+    OpenError::NotCompiled {
+        requested: kind,
+        available: compiled()
+            .iter()
+            .map(|c| c.strategy)
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+#[cfg(feature = "azure")]
+mod azure {
+    use std::sync::Arc;
+
+    use switchboard_azure::{AzureConfig, AzureStore};
+    use switchboard_core::ConnectionStore;
+
+    use super::{OpenError, StoreKind, StoreSettings};
+
+    /// What `--store azure` says when it has no connection string.
+    const MISSING: &str = "--store azure needs --azure-connection-string (or \
+        SWITCHBOARD_AZURE_CONNECTION_STRING): UseDevelopmentStorage=true for Azurite, or the \
+        account's connection string";
+
+    pub(super) async fn open(
+        settings: &StoreSettings,
+    ) -> Result<Arc<dyn ConnectionStore>, OpenError> {
+        let connection_string = settings
+            .azure_connection_string
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| OpenError::Invalid(MISSING.to_owned()))?;
+        // The configuration's errors describe what is wrong without repeating the string,
+        // which holds the account key.
+        let config = AzureConfig::from_connection_string(connection_string)
+            .map_err(|e| OpenError::Invalid(format!("invalid --azure-connection-string: {e}")))?
+            .with_table(&settings.azure_table)
+            .map_err(|e| OpenError::Invalid(format!("invalid --azure-table: {e}")))?;
+        let store = AzureStore::open(config)
+            .await
+            .map_err(|e| OpenError::Backend {
+                store: StoreKind::Azure,
+                message: e.to_string(),
+            })?;
+        Ok(Arc::new(store))
     }
 }
