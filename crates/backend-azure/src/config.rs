@@ -12,6 +12,9 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long an operation keeps retrying transient failures before it gives up.
 pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(4);
 
+/// How many requests one store sends to the service at the same time.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+
 /// The well-known account of the storage emulator.
 const EMULATOR_ACCOUNT: &str = "devstoreaccount1";
 /// The table port of the storage emulator.
@@ -61,6 +64,7 @@ pub struct AzureConfig {
     pub(crate) table: String,
     pub(crate) request_timeout: Duration,
     pub(crate) retry_budget: Duration,
+    pub(crate) max_in_flight: usize,
 }
 
 impl fmt::Debug for AzureConfig {
@@ -70,6 +74,7 @@ impl fmt::Debug for AzureConfig {
             .field("table", &self.table)
             .field("request_timeout", &self.request_timeout)
             .field("retry_budget", &self.retry_budget)
+            .field("max_in_flight", &self.max_in_flight)
             .finish_non_exhaustive()
     }
 }
@@ -135,6 +140,7 @@ impl AzureConfig {
             table: DEFAULT_TABLE.to_owned(),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             retry_budget: DEFAULT_RETRY_BUDGET,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         })
     }
 
@@ -170,6 +176,16 @@ impl AzureConfig {
     #[must_use]
     pub fn with_retry_budget(mut self, budget: Duration) -> Self {
         self.retry_budget = budget;
+        self
+    }
+
+    /// How many requests the store sends at the same time ([`DEFAULT_MAX_IN_FLIGHT`], at
+    /// least 1). More wait for a turn, within the request timeout, so that a burst (a
+    /// reconnect storm) queues here instead of opening a connection per request and piling
+    /// up in a service that is already slow.
+    #[must_use]
+    pub fn with_max_in_flight(mut self, requests: usize) -> Self {
+        self.max_in_flight = requests.max(1);
         self
     }
 

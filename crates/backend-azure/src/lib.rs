@@ -103,7 +103,8 @@ mod keys;
 mod table;
 
 pub use config::{
-    AzureConfig, ConfigError, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_BUDGET, DEFAULT_TABLE,
+    AzureConfig, ConfigError, DEFAULT_MAX_IN_FLIGHT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RETRY_BUDGET,
+    DEFAULT_TABLE,
 };
 
 use table::{BatchOutcome, Deleted, Failure, Inserted, Read, Table};
@@ -121,6 +122,8 @@ const LEASE_VIEW_FRESH: Duration = Duration::from_millis(100);
 const MAX_FILTERED_NODES: usize = 40;
 /// How long a clock reading is trusted before it is taken again.
 const CLOCK_FRESH: Duration = Duration::from_secs(60);
+/// How often a failing service is logged.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 /// The first backoff between retries, and the cap.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
 
@@ -306,7 +309,21 @@ pub struct AzureStore {
     leases: Mutex<LeaseView>,
     lease_refresh: tokio::sync::Mutex<()>,
     table_create: tokio::sync::Mutex<()>,
-    healthy: AtomicBool,
+    /// Whether the last operation gave up on a transient failure.
+    failing: AtomicBool,
+    /// What was logged about failures.
+    failure_log: Mutex<FailureLog>,
+}
+
+/// What [`AzureStore`] logged about transient failures.
+#[derive(Debug, Default)]
+struct FailureLog {
+    /// When a failure was last logged.
+    last: Option<Instant>,
+    /// Failures since then that were not logged.
+    suppressed: u64,
+    /// A failure was logged and its recovery was not yet.
+    announced: bool,
 }
 
 impl fmt::Debug for AzureStore {
@@ -370,7 +387,8 @@ impl AzureStore {
             }),
             lease_refresh: tokio::sync::Mutex::new(()),
             table_create: tokio::sync::Mutex::new(()),
-            healthy: AtomicBool::new(true),
+            failing: AtomicBool::new(false),
+            failure_log: Mutex::new(FailureLog::default()),
         })
     }
 
@@ -405,13 +423,8 @@ impl AzureStore {
             n += 1;
             let failure = match attempt(n).await {
                 Ok(value) => {
-                    if !self.healthy.load(Ordering::Relaxed)
-                        && !self.healthy.swap(true, Ordering::Relaxed)
-                    {
-                        tracing::info!(
-                            table = self.table.name(),
-                            "the Azure table service answers again"
-                        );
+                    if self.failing.load(Ordering::Relaxed) {
+                        self.recovered();
                     }
                     return Ok(value);
                 }
@@ -433,10 +446,50 @@ impl AzureStore {
                 delay = (delay * 2).min(BACKOFF.1);
                 continue;
             }
-            if failure.is_transient() && self.healthy.swap(false, Ordering::Relaxed) {
-                tracing::warn!(table = self.table.name(), "{what}: {failure}");
+            if failure.is_transient() {
+                self.gave_up(what, &failure);
             }
             return Err(store_error(what, failure));
+        }
+    }
+
+    /// Logs that an operation gave up on a transient failure: at most one line every
+    /// [`WARN_EVERY`], with the count of failures not logged since the last one.
+    fn gave_up(&self, what: &str, failure: &Failure) {
+        self.failing.store(true, Ordering::Relaxed);
+        let mut log = self
+            .failure_log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if log.last.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+            tracing::warn!(
+                table = self.table.name(),
+                not_logged = log.suppressed,
+                "{what}: {failure}"
+            );
+            *log = FailureLog {
+                last: Some(Instant::now()),
+                suppressed: 0,
+                announced: true,
+            };
+        } else {
+            log.suppressed += 1;
+        }
+    }
+
+    /// Logs that the service answers again, once after a logged failure.
+    fn recovered(&self) {
+        if self.failing.swap(false, Ordering::Relaxed) {
+            let mut log = self
+                .failure_log
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if std::mem::take(&mut log.announced) {
+                tracing::info!(
+                    table = self.table.name(),
+                    "the Azure table service answers again"
+                );
+            }
         }
     }
 

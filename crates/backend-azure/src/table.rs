@@ -218,6 +218,7 @@ pub(crate) struct Read<T> {
 pub(crate) struct Table {
     client: TableClient,
     timeout: Duration,
+    turns: Arc<tokio::sync::Semaphore>,
 }
 
 impl fmt::Debug for Table {
@@ -247,6 +248,7 @@ impl Table {
         Ok(Self {
             client: service.table_client(config.table.clone()),
             timeout: config.request_timeout,
+            turns: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
         })
     }
 
@@ -255,13 +257,24 @@ impl Table {
         self.client.table_name()
     }
 
+    /// Waits for a turn (at most the request timeout), then runs `request` within the
+    /// request timeout.
     async fn bounded<T>(
         &self,
         request: impl Future<Output = azure_core::Result<T>>,
     ) -> Result<T, Failure> {
+        let _turn = self.turn().await?;
         match tokio::time::timeout(self.timeout, request).await {
             Ok(result) => result.map_err(failure),
             Err(_) => Err(Failure::Timeout(self.timeout)),
+        }
+    }
+
+    async fn turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Failure> {
+        match tokio::time::timeout(self.timeout, self.turns.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            // The semaphore is never closed.
+            Ok(Err(_)) | Err(_) => Err(Failure::Timeout(self.timeout)),
         }
     }
 
@@ -376,11 +389,13 @@ impl Table {
             .into_stream::<Read<T>>();
         let mut all = Vec::new();
         loop {
+            let turn = self.turn().await?;
             let page = match tokio::time::timeout(self.timeout, pages.next()).await {
                 Err(_) => return Err(Failure::Timeout(self.timeout)),
                 Ok(None) => break,
                 Ok(Some(page)) => page.map_err(failure)?,
             };
+            drop(turn);
             all.extend(page.entities);
         }
         Ok(all)
