@@ -1,6 +1,7 @@
 //! Tests against a real Azurite of what the store suite cannot see: the entities' layout on
 //! the wire, the clock, outages, refused credentials and batching.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use switchboard_core::{ConnectionId, ConnectionRecord, ConnectionStore, NodeId, UserId};
@@ -254,4 +255,50 @@ async fn a_transaction_with_a_changed_entity_falls_back_to_single_conditional_de
         .collect();
     assert_eq!(left, ["c2"]);
     store.delete_table().await.expect("delete the table");
+}
+
+#[tokio::test]
+async fn a_hung_service_fails_every_caller_in_bounded_time() {
+    let azurite = Azurite::start();
+    let timeout = Duration::from_millis(300);
+    let budget = Duration::from_millis(600);
+    let store = Arc::new(
+        AzureStore::open(
+            config(&azurite, "hung")
+                .with_request_timeout(timeout)
+                .with_retry_budget(budget)
+                .with_max_in_flight(2),
+        )
+        .await
+        .expect("open"),
+    );
+    store.add(record("c0", "ann", "n")).await.expect("add");
+    azurite.pause();
+    let started = Instant::now();
+    // Ten callers share two turns: each waits for a turn at most the request timeout, so
+    // none waits behind the others' retries.
+    let callers: Vec<_> = (0..10)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.add(record(&format!("c{}", i + 1), "ann", "n")).await })
+        })
+        .collect();
+    for caller in callers {
+        let err = caller
+            .await
+            .expect("caller task")
+            .expect_err("the service answers nothing");
+        assert!(err.is_transient(), "a hung service is transient: {err}");
+    }
+    let bound = budget + 2 * timeout + BACKOFF.1;
+    assert!(
+        started.elapsed() < bound,
+        "callers gave up after {:?}, beyond {bound:?}",
+        started.elapsed()
+    );
+    azurite.resume();
+    store
+        .add(record("c11", "ann", "n"))
+        .await
+        .expect("the service answers again");
 }

@@ -80,6 +80,31 @@ struct StoreArgs {
     /// digits, starting with a letter.
     #[arg(long, env = "SWITCHBOARD_AZURE_TABLE", default_value = stores::DEFAULT_AZURE_TABLE)]
     azure_table: String,
+    /// Seconds one request of the azure store may take before it counts as failed (and is
+    /// retried).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_AZURE_REQUEST_TIMEOUT",
+        default_value_t = stores::DEFAULT_AZURE_REQUEST_TIMEOUT.as_secs_f64()
+    )]
+    azure_request_timeout: f64,
+    /// Seconds an operation of the azure store retries transient failures (unreachable,
+    /// timeouts, 500, 503) before it fails; 0 tries once.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_AZURE_RETRY_BUDGET",
+        default_value_t = stores::DEFAULT_AZURE_RETRY_BUDGET.as_secs_f64()
+    )]
+    azure_retry_budget: f64,
+    /// Requests the azure store sends at the same time; more wait for a turn (within the
+    /// request timeout).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_AZURE_MAX_IN_FLIGHT",
+        default_value_t = stores::DEFAULT_AZURE_MAX_IN_FLIGHT,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    azure_max_in_flight: u32,
 }
 
 impl StoreArgs {
@@ -94,6 +119,13 @@ impl StoreArgs {
             )?,
             azure_connection_string: self.azure_connection_string.clone(),
             azure_table: self.azure_table.clone(),
+            azure_request_timeout: seconds(self.azure_request_timeout, "--azure-request-timeout")?,
+            azure_retry_budget: if self.azure_retry_budget == 0.0 {
+                std::time::Duration::ZERO
+            } else {
+                seconds(self.azure_retry_budget, "--azure-retry-budget")?
+            },
+            azure_max_in_flight: usize::try_from(self.azure_max_in_flight).unwrap_or(usize::MAX),
         })
     }
 }

@@ -79,6 +79,12 @@ pub struct StoreSettings {
     pub azure_connection_string: Option<String>,
     /// The table the `azure` store keeps its records in (created if missing).
     pub azure_table: String,
+    /// How long one request of the `azure` store may take before it counts as failed.
+    pub azure_request_timeout: std::time::Duration,
+    /// How long an operation of the `azure` store retries transient failures.
+    pub azure_retry_budget: std::time::Duration,
+    /// How many requests the `azure` store sends at the same time.
+    pub azure_max_in_flight: usize,
 }
 
 impl Default for StoreSettings {
@@ -90,6 +96,9 @@ impl Default for StoreSettings {
             database_acquire_timeout: DEFAULT_DATABASE_ACQUIRE_TIMEOUT,
             azure_connection_string: None,
             azure_table: DEFAULT_AZURE_TABLE.to_owned(),
+            azure_request_timeout: DEFAULT_AZURE_REQUEST_TIMEOUT,
+            azure_retry_budget: DEFAULT_AZURE_RETRY_BUDGET,
+            azure_max_in_flight: DEFAULT_AZURE_MAX_IN_FLIGHT as usize,
         }
     }
 }
@@ -110,6 +119,9 @@ impl fmt::Debug for StoreSettings {
                 &format_args!("{}", redacted(self.azure_connection_string.is_some())),
             )
             .field("azure_table", &self.azure_table)
+            .field("azure_request_timeout", &self.azure_request_timeout)
+            .field("azure_retry_budget", &self.azure_retry_budget)
+            .field("azure_max_in_flight", &self.azure_max_in_flight)
             .finish()
     }
 }
@@ -126,6 +138,25 @@ pub const DEFAULT_AZURE_TABLE: &str = switchboard_azure::DEFAULT_TABLE;
 /// The default of [`StoreSettings::azure_table`].
 #[cfg(not(feature = "azure"))]
 pub const DEFAULT_AZURE_TABLE: &str = "connection";
+/// The default of [`StoreSettings::azure_request_timeout`].
+#[cfg(feature = "azure")]
+pub const DEFAULT_AZURE_REQUEST_TIMEOUT: std::time::Duration =
+    switchboard_azure::DEFAULT_REQUEST_TIMEOUT;
+/// The default of [`StoreSettings::azure_request_timeout`].
+#[cfg(not(feature = "azure"))]
+pub const DEFAULT_AZURE_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// The default of [`StoreSettings::azure_retry_budget`].
+#[cfg(feature = "azure")]
+pub const DEFAULT_AZURE_RETRY_BUDGET: std::time::Duration = switchboard_azure::DEFAULT_RETRY_BUDGET;
+/// The default of [`StoreSettings::azure_retry_budget`].
+#[cfg(not(feature = "azure"))]
+pub const DEFAULT_AZURE_RETRY_BUDGET: std::time::Duration = std::time::Duration::from_secs(4);
+/// The default of [`StoreSettings::azure_max_in_flight`].
+#[cfg(feature = "azure")]
+pub const DEFAULT_AZURE_MAX_IN_FLIGHT: u32 = switchboard_azure::DEFAULT_MAX_IN_FLIGHT as u32;
+/// The default of [`StoreSettings::azure_max_in_flight`].
+#[cfg(not(feature = "azure"))]
+pub const DEFAULT_AZURE_MAX_IN_FLIGHT: u32 = 64;
 
 /// What a backplane is opened with (the `--backplane-*` and `--redis-*` flags).
 #[derive(Debug, Clone)]
@@ -405,7 +436,10 @@ mod azure {
         let config = AzureConfig::from_connection_string(connection_string)
             .map_err(|e| OpenError::Invalid(format!("invalid --azure-connection-string: {e}")))?
             .with_table(&settings.azure_table)
-            .map_err(|e| OpenError::Invalid(format!("invalid --azure-table: {e}")))?;
+            .map_err(|e| OpenError::Invalid(format!("invalid --azure-table: {e}")))?
+            .with_request_timeout(settings.azure_request_timeout)
+            .with_retry_budget(settings.azure_retry_budget)
+            .with_max_in_flight(settings.azure_max_in_flight);
         let store = AzureStore::open(config)
             .await
             .map_err(|e| OpenError::Backend {

@@ -158,6 +158,26 @@ impl Azurite {
         self.signal_and_wait(Signal::KILL);
     }
 
+    /// Freezes the emulator (SIGSTOP): it keeps its port and its connections but answers
+    /// nothing, as a hung service or a half-open network path would, until
+    /// [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.signal(Signal::STOP);
+    }
+
+    /// Lets a [paused](Self::pause) emulator run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(Signal::CONT);
+    }
+
+    fn signal(&self, signal: Signal) {
+        if let Some(child) = self.child().as_ref()
+            && let Some(pid) = i32::try_from(child.id()).ok().and_then(Pid::from_raw)
+        {
+            let _ = kill_process(pid, signal);
+        }
+    }
+
     /// Starts the emulator again on the same port.
     ///
     /// # Panics
@@ -255,6 +275,7 @@ impl Azurite {
 
 impl Drop for Azurite {
     fn drop(&mut self) {
+        self.resume();
         self.signal_and_wait(Signal::KILL);
         let _ = fs::remove_dir_all(&self.dir);
     }
