@@ -64,7 +64,12 @@
 //!
 //! ## Failures
 //!
-//! Every request has a timeout ([`DEFAULT_REQUEST_TIMEOUT`]). Transient failures — the
+//! A store sends at most [`DEFAULT_MAX_IN_FLIGHT`] requests at a time
+//! ([`AzureConfig::with_max_in_flight`]); more wait for a turn, at most the request timeout.
+//! A burst (a reconnect storm, a busy chat) then queues in the node instead of opening a
+//! connection per request and piling up in a service that is already slow; without the
+//! bound, Azurite answered a 10 000-connection storm with connect timeouts. Every request
+//! has a timeout ([`DEFAULT_REQUEST_TIMEOUT`]). Transient failures — the
 //! service unreachable, a timeout, 408, 429, 500, 502, 503, 504 — are retried with capped
 //! exponential backoff and jitter for up to [`DEFAULT_RETRY_BUDGET`], then answered as a
 //! transient [`StoreError`]. Permanent ones (403 for a wrong key, 400 for bad input) are
