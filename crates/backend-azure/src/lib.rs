@@ -231,6 +231,21 @@ struct ConnectionEntity<'a> {
     node: &'a str,
 }
 
+impl<'a> ConnectionEntity<'a> {
+    /// The entity of `record`, under its encoded keys.
+    fn of(record: &'a ConnectionRecord, partition: &'a str, row: &'a str) -> Self {
+        Self {
+            partition,
+            row,
+            user: record.user().as_str(),
+            user_agent: record.user_agent(),
+            connected_at: date_time(record.connected_at()),
+            connected_at_type: "Edm.DateTime",
+            node: record.node().as_str(),
+        }
+    }
+}
+
 /// A connection entity as read (any subset of its properties).
 #[derive(Debug, Deserialize)]
 struct StoredConnection {
@@ -830,15 +845,7 @@ impl ConnectionStore for AzureStore {
     async fn add(&self, record: ConnectionRecord) -> Result<(), StoreError> {
         let partition = keys::encode(record.user().as_str());
         let row = keys::encode(record.id().as_str());
-        let entity = ConnectionEntity {
-            partition: &partition,
-            row: &row,
-            user: record.user().as_str(),
-            user_agent: record.user_agent(),
-            connected_at: date_time(record.connected_at()),
-            connected_at_type: "Edm.DateTime",
-            node: record.node().as_str(),
-        };
+        let entity = ConnectionEntity::of(&record, &partition, &row);
         let mut retried = false;
         let inserted = self
             .retry("recording a connection", |n| {
@@ -885,15 +892,7 @@ impl ConnectionStore for AzureStore {
     async fn reconnect(&self, record: ConnectionRecord) -> Result<(), StoreError> {
         let partition = keys::encode(record.user().as_str());
         let row = keys::encode(record.id().as_str());
-        let entity = ConnectionEntity {
-            partition: &partition,
-            row: &row,
-            user: record.user().as_str(),
-            user_agent: record.user_agent(),
-            connected_at: date_time(record.connected_at()),
-            connected_at_type: "Edm.DateTime",
-            node: record.node().as_str(),
-        };
+        let entity = ConnectionEntity::of(&record, &partition, &row);
         self.retry("recording a reconnection", |_| {
             self.table.upsert(&partition, &row, &entity)
         })

@@ -11,74 +11,21 @@
 #![allow(clippy::print_stdout, missing_docs)]
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use switchboard_core::testkit::{conn, record, user};
-use switchboard_core::{ConnectionStore, PageRequest};
+use switchboard_core::ConnectionStore;
+use switchboard_core::testkit::workload::{add_remove_pairs, lookups};
 use switchboard_memory::MemoryStore;
 use switchboard_sql::{SqlConfig, SqlStore};
 use switchboard_testkit_postgres::PostgresServer;
 
-async fn pairs(store: Arc<dyn ConnectionStore>, per_task: usize, tasks: usize) -> f64 {
-    let started = Instant::now();
-    let handles: Vec<_> = (0..tasks)
-        .map(|t| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                for i in 0..per_task {
-                    let id = format!("p{t}x{i}");
-                    let name = format!("user{}", (t * 31 + i) % 1000);
-                    store.add(record(&id, &name, "bench")).await.expect("add");
-                    let _ = store
-                        .remove(&user(&name), &conn(&id))
-                        .await
-                        .expect("remove");
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.await.expect("task");
-    }
-    (per_task * tasks) as f64 / started.elapsed().as_secs_f64()
-}
-
-async fn lookups(store: Arc<dyn ConnectionStore>) -> (Duration, Duration, Duration) {
-    for u in 0..1000 {
-        for c in 0..2 {
-            store
-                .add(record(&format!("l{u}x{c}"), &format!("user{u}"), "bench"))
-                .await
-                .expect("add");
-        }
-    }
-    let mut samples = Vec::with_capacity(5000);
-    for i in 0..5000 {
-        let u = user(&format!("user{}", (i * 7) % 1000));
-        let started = Instant::now();
-        let found = store.connections(&u).await.expect("lookup");
-        samples.push(started.elapsed());
-        assert_eq!(found.len(), 2);
-    }
-    let started = Instant::now();
-    let page = store.users(PageRequest::first(100)).await.expect("users");
-    let page_time = started.elapsed();
-    assert_eq!(page.users.len(), 100);
-    samples.sort_unstable();
-    (
-        samples[samples.len() / 2],
-        samples[samples.len() * 99 / 100],
-        page_time,
-    )
-}
-
 async fn run(name: &str, store: Arc<dyn ConnectionStore>, per_task: usize, tasks: usize) {
     // Warm up the pools and statement caches.
-    let _ = pairs(store.clone(), 10, tasks).await;
-    let rate = pairs(store.clone(), per_task, tasks).await;
-    let (p50, p99, page) = lookups(store).await;
+    let _ = add_remove_pairs(store.clone(), "w", 10, tasks).await;
+    let rate = add_remove_pairs(store.clone(), "p", per_task, tasks).await;
+    let t = lookups(store, 5000).await;
     println!(
-        "{name:<28} {rate:>10.0} pairs/s   lookup p50 {p50:>9.1?} p99 {p99:>9.1?}   users page(100) {page:>9.1?}"
+        "{name:<28} {rate:>10.0} pairs/s   lookup p50 {:>9.1?} p99 {:>9.1?}   users page(100) {:>9.1?}",
+        t.p50, t.p99, t.page
     );
 }
 

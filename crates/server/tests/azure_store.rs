@@ -8,20 +8,21 @@
 mod common;
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use common::{PATIENCE, RawClient, SECRET, TestServer, chat, eventually, until_completion};
+use common::{
+    PATIENCE, RawClient, ServerProcess, TestServer, chat, eventually, free_port, until_completion,
+};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use switchboard::HubOptions;
-use switchboard::auth::{Authenticator, JwtConfig};
 use switchboard_azure::{AzureConfig, AzureStore};
 use switchboard_core::testkit::{node, user};
-use switchboard_core::{Backplane, ConnectionStore, PageRequest, UserId};
+use switchboard_core::{Backplane, ConnectionStore, PageRequest};
 use switchboard_redis::testing::RedisServer;
 use switchboard_redis::{RedisBackplane, RedisConfig};
 use switchboard_testkit_azurite::{ACCOUNT, ACCOUNT_KEY, Azurite};
@@ -29,11 +30,17 @@ use switchboard_testkit_azurite::{ACCOUNT, ACCOUNT_KEY, Azurite};
 /// The lease of every node these tests start.
 const LEASE_SECONDS: u64 = 2;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+/// A `switchboard serve --store azure` process on `table` of `azurite`.
+async fn azure_server(azurite: &Azurite, table: &str) -> ServerProcess {
+    ServerProcess::start(
+        &["--store", "azure", "--azure-table", table],
+        &[(
+            "SWITCHBOARD_AZURE_CONNECTION_STRING",
+            azurite.connection_string(),
+        )],
+        LEASE_SECONDS,
+    )
+    .await
 }
 
 /// A configuration for `table` on `azurite` that gives up quickly, so that an emulator that
@@ -407,73 +414,6 @@ async fn emulator_restarted_empty_gets_the_table_and_the_live_connections_back()
 
 // --- `switchboard serve --store azure` processes. ---
 
-/// A `switchboard serve --store azure` process.
-struct ServerProcess {
-    addr: SocketAddr,
-    child: Child,
-    auth: Authenticator,
-}
-
-impl ServerProcess {
-    async fn start(azurite: &Azurite, table: &str) -> Self {
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("an address");
-        let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["serve", "--store", "azure", "--azure-table", table])
-            .env(
-                "SWITCHBOARD_AZURE_CONNECTION_STRING",
-                azurite.connection_string(),
-            )
-            .args(["--node-lease", &LEASE_SECONDS.to_string()])
-            .args(["--jwt-secret", SECRET, "--listen", &addr.to_string()])
-            .env("SWITCHBOARD_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the server starts");
-        let auth =
-            Authenticator::new(JwtConfig::new(SECRET.as_bytes().to_vec()).expect("a secret"));
-        let server = Self { addr, child, auth };
-        eventually("the server answers /readyz", || async {
-            match tokio::net::TcpStream::connect(server.addr).await {
-                Ok(stream) => {
-                    let host = server.addr.to_string();
-                    common::http_request(stream, &host, "GET", "/readyz", &[], "")
-                        .await
-                        .0
-                        == 200
-                }
-                Err(_) => false,
-            }
-        })
-        .await;
-        server
-    }
-
-    async fn connect(&self, user: &str) -> RawClient {
-        let token = self
-            .auth
-            .issue(&UserId::new(user).expect("valid"), Duration::from_secs(600));
-        let mut client = common::open_ws(self.addr, "", Some(&token))
-            .await
-            .expect("authorized");
-        client.handshake().await;
-        client
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// Runs `switchboard <args> --store azure --azure-connection-string … --json`.
 fn run_operator(azurite: &Azurite, table: &str, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_switchboard"))
@@ -524,8 +464,8 @@ async fn users_become(azurite: &Azurite, table: &str, expected: Value, within: D
 async fn killed_server_leaves_no_ghost_users_and_the_other_node_sweeps_its_entities() {
     let azurite = Azurite::start();
     let table = "killed";
-    let a = ServerProcess::start(&azurite, table).await;
-    let mut b = ServerProcess::start(&azurite, table).await;
+    let a = azure_server(&azurite, table).await;
+    let mut b = azure_server(&azurite, table).await;
     let mut alice = a.connect("alice").await;
     let _bob = b.connect("bob").await;
     let _bob2 = b.connect("bob").await;

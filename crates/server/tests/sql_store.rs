@@ -5,15 +5,13 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{PATIENCE, RawClient, SECRET, TestServer, chat, eventually, until_completion};
+use common::{PATIENCE, RawClient, ServerProcess, TestServer, chat, eventually, until_completion};
 use serde_json::{Value, json};
 use switchboard::HubOptions;
-use switchboard::auth::{Authenticator, JwtConfig};
 use switchboard_core::testkit::node;
 use switchboard_core::{ConnectionStore, PageRequest, UserId};
 use switchboard_sql::{SqlConfig, SqlStore};
@@ -22,74 +20,14 @@ use switchboard_testkit_postgres::PostgresServer;
 /// The lease of every node these tests start.
 const LEASE_SECONDS: u64 = 2;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A `switchboard serve --store sql` process.
-struct ServerProcess {
-    addr: SocketAddr,
-    child: Child,
-    auth: Authenticator,
-}
-
-impl ServerProcess {
-    async fn start(database_url: &str) -> Self {
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("an address");
-        let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["serve", "--store", "sql", "--database-url", database_url])
-            .args(["--node-lease", &LEASE_SECONDS.to_string()])
-            .args(["--jwt-secret", SECRET, "--listen", &addr.to_string()])
-            .env("SWITCHBOARD_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the server starts");
-        let auth =
-            Authenticator::new(JwtConfig::new(SECRET.as_bytes().to_vec()).expect("a secret"));
-        let server = Self { addr, child, auth };
-        eventually("the server answers /readyz", || async {
-            match tokio::net::TcpStream::connect(server.addr).await {
-                Ok(stream) => {
-                    let host = server.addr.to_string();
-                    common::http_request(stream, &host, "GET", "/readyz", &[], "")
-                        .await
-                        .0
-                        == 200
-                }
-                Err(_) => false,
-            }
-        })
-        .await;
-        server
-    }
-
-    async fn connect(&self, user: &str) -> RawClient {
-        let token = self
-            .auth
-            .issue(&UserId::new(user).expect("valid"), Duration::from_secs(600));
-        let mut client = common::open_ws(self.addr, "", Some(&token))
-            .await
-            .expect("authorized");
-        client.handshake().await;
-        client
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// A `switchboard serve --store sql` process on `database_url`.
+async fn sql_server(database_url: &str) -> ServerProcess {
+    ServerProcess::start(
+        &["--store", "sql", "--database-url", database_url],
+        &[],
+        LEASE_SECONDS,
+    )
+    .await
 }
 
 /// Runs `switchboard <args>` against `database_url` and parses its JSON answer.
@@ -148,7 +86,7 @@ async fn sqlite_killed_server_leaves_no_ghost_users_and_restarts_clean() {
     std::fs::create_dir_all(&dir).expect("a directory");
     let url = format!("sqlite://{}", dir.join("switchboard.db").display());
 
-    let mut first = ServerProcess::start(&url).await;
+    let mut first = sql_server(&url).await;
     let _alice1 = first.connect("alice").await;
     let _alice2 = first.connect("alice").await;
     let _bob = first.connect("bob").await;
@@ -176,7 +114,7 @@ async fn sqlite_killed_server_leaves_no_ghost_users_and_restarts_clean() {
         "the records counted for a while after the kill"
     );
 
-    let second = ServerProcess::start(&url).await;
+    let second = sql_server(&url).await;
     let mut carol = second.connect("carol").await;
     assert_eq!(
         send(&mut carol, "1", "alice", "hi").await[0],
@@ -191,8 +129,8 @@ async fn sqlite_killed_server_leaves_no_ghost_users_and_restarts_clean() {
 async fn postgres_two_nodes_one_killed_the_other_sweeps_its_rows() {
     let pg = PostgresServer::start();
     let url = pg.url();
-    let a = ServerProcess::start(&url).await;
-    let mut b = ServerProcess::start(&url).await;
+    let a = sql_server(&url).await;
+    let mut b = sql_server(&url).await;
     let mut alice = a.connect("alice").await;
     let _bob = b.connect("bob").await;
     let _bob2 = b.connect("bob").await;

@@ -37,6 +37,7 @@ pub mod backplane_suite;
 mod bus;
 pub mod cases;
 mod reference;
+pub mod workload;
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;

@@ -777,3 +777,83 @@ impl ConnectionStore for NoLookupStore {
         self.0.counts().await
     }
 }
+
+/// A free port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A `switchboard serve` process (the test binary's own build) on a free loopback port,
+/// killed with SIGKILL when dropped: for crash tests, which an in-process server cannot do.
+pub struct ServerProcess {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    child: std::process::Child,
+    auth: Authenticator,
+}
+
+impl ServerProcess {
+    /// Starts `switchboard serve <args> --node-lease <lease_seconds>` with `envs` set, and
+    /// waits until `/readyz` answers 200.
+    pub async fn start(args: &[&str], envs: &[(&str, String)], lease_seconds: u64) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
+            .parse()
+            .expect("an address");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .arg("serve")
+            .args(args)
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .args(["--node-lease", &lease_seconds.to_string()])
+            .args(["--jwt-secret", SECRET, "--listen", &addr.to_string()])
+            .env("SWITCHBOARD_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("the server starts");
+        let auth =
+            Authenticator::new(JwtConfig::new(SECRET.as_bytes().to_vec()).expect("a secret"));
+        let server = Self { addr, child, auth };
+        eventually("the server answers /readyz", || async {
+            match TcpStream::connect(server.addr).await {
+                Ok(stream) => {
+                    let host = server.addr.to_string();
+                    http_request(stream, &host, "GET", "/readyz", &[], "")
+                        .await
+                        .0
+                        == 200
+                }
+                Err(_) => false,
+            }
+        })
+        .await;
+        server
+    }
+
+    /// A connected, handshaken client of `user`.
+    pub async fn connect(&self, user: &str) -> RawClient {
+        let token = self
+            .auth
+            .issue(&UserId::new(user).expect("valid"), Duration::from_secs(600));
+        let mut client = open_ws(self.addr, "", Some(&token))
+            .await
+            .expect("authorized");
+        client.handshake().await;
+        client
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
