@@ -15,7 +15,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use common::{
-    PATIENCE, RawClient, ServerProcess, TestServer, chat, eventually, free_port, until_completion,
+    PATIENCE, ServerProcess, TestServer, chat, check_outage_answers, eventually, free_port,
+    not_connected, send_chat,
 };
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
@@ -60,16 +61,6 @@ async fn open_store(azurite: &Azurite, table: &str) -> Arc<AzureStore> {
             .await
             .expect("the store opens on Azurite"),
     )
-}
-
-async fn send(client: &mut RawClient, id: &str, who: &str, text: &str) -> Vec<Value> {
-    let record = json!({"type": 1, "invocationId": id, "target": "SendChatMessage", "arguments": [who, text]});
-    client.send_record(&record.to_string()).await;
-    until_completion(client, id).await
-}
-
-fn not_connected(who: &str) -> Value {
-    json!({"type": 1, "target": "showErrorMessage", "arguments": [format!("The user '{who}' is not connected.")]})
 }
 
 /// The connected users as `store` lists them, or `None` when it cannot answer.
@@ -277,7 +268,7 @@ async fn two_nodes_on_one_table_deliver_to_a_user_connected_to_both() {
     assert_eq!(entities_of(&azurite, "twonodes", "alice").len(), 2);
 
     for i in 0..5 {
-        let answer = send(&mut bob, &i.to_string(), "alice", &format!("hi {i}")).await;
+        let answer = send_chat(&mut bob, &i.to_string(), "alice", &format!("hi {i}")).await;
         assert_eq!(answer.len(), 1, "only the completion: {answer:?}");
     }
     for client in [&mut alice_a, &mut alice_b] {
@@ -289,7 +280,7 @@ async fn two_nodes_on_one_table_deliver_to_a_user_connected_to_both() {
         }
     }
     // And back: alice on node A reaches bob on node B.
-    let answer = send(&mut alice_a, "back", "bob", "hello").await;
+    let answer = send_chat(&mut alice_a, "back", "bob", "hello").await;
     assert_eq!(answer.len(), 1, "only the completion: {answer:?}");
     assert_eq!(bob.next_message().await, Some(chat("alice: hello")));
 
@@ -299,7 +290,7 @@ async fn two_nodes_on_one_table_deliver_to_a_user_connected_to_both() {
         entities_of(&azurite, "twonodes", "alice").len() == 1
     })
     .await;
-    let answer = send(&mut bob, "after", "alice", "still one").await;
+    let answer = send_chat(&mut bob, "after", "alice", "still one").await;
     assert_eq!(answer.len(), 1, "only the completion: {answer:?}");
     assert_eq!(alice_a.next_message().await, Some(chat("bob: still one")));
 }
@@ -315,9 +306,9 @@ async fn outage_is_answered_fast_and_reconciled(azurite: Azurite) {
     let server = TestServer::start_node(node("azoutage"), store.clone(), None, options).await;
     let mut alice = server.connect("alice").await;
     let mut bob = server.connect("bob").await;
-    let mut leaving = server.connect("dave").await;
+    let leaving = server.connect("dave").await;
     assert_eq!(
-        send(&mut bob, "0", "alice", "before").await.len(),
+        send_chat(&mut bob, "0", "alice", "before").await.len(),
         1,
         "only the completion"
     );
@@ -329,41 +320,15 @@ async fn outage_is_answered_fast_and_reconciled(azurite: Azurite) {
     assert_eq!(entities_of(&azurite, table, "dave").len(), 1);
 
     azurite.stop();
-    // A send during the outage is answered, fast, with an error; never a hang.
-    let started = Instant::now();
-    let answer = send(&mut bob, "1", "alice", "during").await;
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "the send took {:?}",
-        started.elapsed()
-    );
-    let text = answer[0].to_string();
-    assert!(
-        answer[0]["target"] == "showErrorMessage" || answer[0]["error"].is_string(),
-        "an error for the caller: {answer:?}"
-    );
-    assert!(
-        !text.contains("not connected"),
-        "alice is not reported gone: {text}"
-    );
-    // dave leaves during the outage: his removal waits for the emulator.
-    drop(leaving.ws.close(None).await);
-    // A new connection during the outage is closed at once with a reason and an invitation
-    // to reconnect later.
-    let mut erin = common::open_ws(server.addr, "", Some(&server.token("erin")))
-        .await
-        .expect("the upgrade needs no store");
-    erin.send_record(r#"{"protocol":"json","version":1}"#).await;
-    assert_eq!(erin.next_text().await.as_deref(), Some("{}\u{1e}"));
-    let close = erin.expect_close().await;
-    assert_eq!(close["allowReconnect"], true, "{close}");
-    assert!(
-        close["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("unavailable")),
-        "{close}"
-    );
-
+    check_outage_answers(
+        &server,
+        &mut bob,
+        "alice",
+        leaving,
+        "erin",
+        Duration::from_secs(5),
+    )
+    .await;
     azurite.start_again();
     // Within the lease window the table holds exactly the open connections again: dave's
     // pending removal is retried, and an emulator that lost its data (and table) gets
@@ -380,14 +345,14 @@ async fn outage_is_answered_fast_and_reconciled(azurite: Azurite) {
     assert!(entities_of(&azurite, table, "dave").is_empty());
     assert_eq!(entities_of(&azurite, table, "bob").len(), 1);
     assert_eq!(
-        send(&mut bob, "2", "alice", "after").await.len(),
+        send_chat(&mut bob, "2", "alice", "after").await.len(),
         1,
         "only the completion"
     );
     assert_eq!(alice.next_message().await, Some(chat("bob: after")));
     let mut erin = server.connect("erin").await;
     assert_eq!(
-        send(&mut erin, "3", "bob", "hello").await.len(),
+        send_chat(&mut erin, "3", "bob", "hello").await.len(),
         1,
         "only the completion"
     );
@@ -488,7 +453,7 @@ async fn killed_server_leaves_no_ghost_users_and_the_other_node_sweeps_its_entit
     assert_eq!(entities_of(&azurite, table, "bob").len(), 2);
     // alice on node A finds bob on node B through the table (no backplane: the message is
     // reported, not delivered, but bob counts as connected).
-    let first = send(&mut alice, "1", "bob", "hi").await;
+    let first = send_chat(&mut alice, "1", "bob", "hi").await;
     assert_ne!(first[0], not_connected("bob"), "{first:?}");
 
     b.kill();
@@ -511,7 +476,7 @@ async fn killed_server_leaves_no_ghost_users_and_the_other_node_sweeps_its_entit
         json!([])
     );
     for i in 0..3 {
-        let answer = send(&mut alice, &format!("after{i}"), "bob", "still there?").await;
+        let answer = send_chat(&mut alice, &format!("after{i}"), "bob", "still there?").await;
         assert_eq!(answer[0], not_connected("bob"), "{answer:?}");
     }
     // Node A's maintenance sweeps B's entities out of the table.

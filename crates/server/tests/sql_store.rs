@@ -9,7 +9,10 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{PATIENCE, RawClient, ServerProcess, TestServer, chat, eventually, until_completion};
+use common::{
+    PATIENCE, ServerProcess, TestServer, chat, check_outage_answers, eventually, not_connected,
+    send_chat,
+};
 use serde_json::{Value, json};
 use switchboard::HubOptions;
 use switchboard_core::testkit::node;
@@ -47,16 +50,6 @@ fn operator(database_url: &str, args: &[&str]) -> Value {
 
 fn users(database_url: &str) -> Value {
     operator(database_url, &["users"])
-}
-
-async fn send(client: &mut RawClient, id: &str, who: &str, text: &str) -> Vec<Value> {
-    let record = json!({"type": 1, "invocationId": id, "target": "SendChatMessage", "arguments": [who, text]});
-    client.send_record(&record.to_string()).await;
-    until_completion(client, id).await
-}
-
-fn not_connected(who: &str) -> Value {
-    json!({"type": 1, "target": "showErrorMessage", "arguments": [format!("The user '{who}' is not connected.")]})
 }
 
 /// Polls `users` until it answers `expected`, then checks it keeps answering that for a
@@ -117,7 +110,7 @@ async fn sqlite_killed_server_leaves_no_ghost_users_and_restarts_clean() {
     let second = sql_server(&url).await;
     let mut carol = second.connect("carol").await;
     assert_eq!(
-        send(&mut carol, "1", "alice", "hi").await[0],
+        send_chat(&mut carol, "1", "alice", "hi").await[0],
         not_connected("alice")
     );
     assert_eq!(users(&url), json!(["carol"]));
@@ -137,7 +130,7 @@ async fn postgres_two_nodes_one_killed_the_other_sweeps_its_rows() {
     assert_eq!(users(&url), json!(["alice", "bob"]));
     // alice on node A reaches bob on node B through the store (no backplane: the message is
     // reported, not delivered, but bob counts as connected).
-    let first = send(&mut alice, "1", "bob", "hi").await;
+    let first = send_chat(&mut alice, "1", "bob", "hi").await;
     assert_ne!(first[0], not_connected("bob"), "{first:?}");
 
     b.kill();
@@ -149,7 +142,7 @@ async fn postgres_two_nodes_one_killed_the_other_sweeps_its_rows() {
     .await;
     // From then on, bob is never reported reachable.
     for i in 0..5 {
-        let answer = send(&mut alice, &format!("after{i}"), "bob", "still there?").await;
+        let answer = send_chat(&mut alice, &format!("after{i}"), "bob", "still there?").await;
         assert_eq!(answer[0], not_connected("bob"), "{answer:?}");
     }
     // Node A's maintenance sweeps B's rows out of the table.
@@ -195,50 +188,16 @@ async fn postgres_outage_fails_fast_and_is_reconciled_when_it_returns() {
     let server = TestServer::start_node(node("sqlnode"), store.clone(), None, options).await;
     let mut alice = server.connect("alice").await;
     let mut bob = server.connect("bob").await;
-    let mut leaving = server.connect("dave").await;
+    let leaving = server.connect("dave").await;
     assert_eq!(
-        send(&mut bob, "0", "alice", "before").await.len(),
+        send_chat(&mut bob, "0", "alice", "before").await.len(),
         1,
         "only the completion"
     );
     assert_eq!(alice.next_message().await, Some(chat("bob: before")));
 
     pg.stop();
-    // A send during the outage is answered, fast, with an error; never a hang.
-    let started = Instant::now();
-    let answer = send(&mut bob, "1", "alice", "during").await;
-    assert!(
-        started.elapsed() < PATIENCE,
-        "the send took {:?}",
-        started.elapsed()
-    );
-    let text = answer[0].to_string();
-    assert!(
-        answer[0]["target"] == "showErrorMessage" || answer[0]["error"].is_string(),
-        "an error for the caller: {answer:?}"
-    );
-    assert!(
-        !text.contains("not connected"),
-        "alice is not reported gone: {text}"
-    );
-    // dave leaves during the outage: his removal waits for the database.
-    drop(leaving.ws.close(None).await);
-    // A new connection during the outage is closed at once with a reason and an invitation
-    // to reconnect later (the failure is transient), not left hanging.
-    let mut erin = common::open_ws(server.addr, "", Some(&server.token("erin")))
-        .await
-        .expect("the upgrade needs no database");
-    erin.send_record(r#"{"protocol":"json","version":1}"#).await;
-    assert_eq!(erin.next_text().await.as_deref(), Some("{}\u{1e}"));
-    let close = erin.expect_close().await;
-    assert_eq!(close["allowReconnect"], true, "{close}");
-    assert!(
-        close["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("unavailable")),
-        "{close}"
-    );
-
+    check_outage_answers(&server, &mut bob, "alice", leaving, "erin", PATIENCE).await;
     pg.start_again();
     // The pool recovers by itself, the pending removal is retried, and the store matches
     // the node again.
@@ -253,14 +212,14 @@ async fn postgres_outage_fails_fast_and_is_reconciled_when_it_returns() {
     )
     .await;
     assert_eq!(
-        send(&mut bob, "2", "alice", "after").await.len(),
+        send_chat(&mut bob, "2", "alice", "after").await.len(),
         1,
         "only the completion"
     );
     assert_eq!(alice.next_message().await, Some(chat("bob: after")));
     let mut erin = server.connect("erin").await;
     assert_eq!(
-        send(&mut erin, "3", "bob", "hello").await.len(),
+        send_chat(&mut erin, "3", "bob", "hello").await.len(),
         1,
         "only the completion"
     );

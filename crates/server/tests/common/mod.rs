@@ -857,3 +857,66 @@ impl Drop for ServerProcess {
         self.kill();
     }
 }
+
+/// Sends `SendChatMessage(who, text)` with invocation id `id` and answers everything the
+/// client received up to and including its completion.
+pub async fn send_chat(client: &mut RawClient, id: &str, who: &str, text: &str) -> Vec<Value> {
+    let record = serde_json::json!({"type": 1, "invocationId": id, "target": "SendChatMessage", "arguments": [who, text]});
+    client.send_record(&record.to_string()).await;
+    until_completion(client, id).await
+}
+
+/// The `showErrorMessage` a sender gets for a user with no connection.
+pub fn not_connected(who: &str) -> Value {
+    serde_json::json!({"type": 1, "target": "showErrorMessage", "arguments": [format!("The user '{who}' is not connected.")]})
+}
+
+/// What clients of `server` must see while its store is down: `sender`'s message to
+/// `target` is answered within `bound` with an error (never "not connected", never a hang),
+/// `leaving` can close, and `newcomer`'s new connection is closed at once as unavailable
+/// with an invitation to reconnect.
+pub async fn check_outage_answers(
+    server: &TestServer,
+    sender: &mut RawClient,
+    target: &str,
+    leaving: RawClient,
+    newcomer: &str,
+    bound: Duration,
+) {
+    let started = tokio::time::Instant::now();
+    let answer = send_chat(sender, "1", target, "during").await;
+    assert!(
+        started.elapsed() < bound,
+        "the send took {:?}",
+        started.elapsed()
+    );
+    let text = answer[0].to_string();
+    assert!(
+        answer[0]["target"] == "showErrorMessage" || answer[0]["error"].is_string(),
+        "an error for the caller: {answer:?}"
+    );
+    assert!(
+        !text.contains("not connected"),
+        "{target} is not reported gone: {text}"
+    );
+    // The leaving client closes during the outage: its removal waits for the store.
+    let mut leaving = leaving;
+    drop(leaving.ws.close(None).await);
+    // A new connection is closed at once with a reason and an invitation to reconnect later
+    // (the failure is transient), not left hanging.
+    let mut newcomer = open_ws(server.addr, "", Some(&server.token(newcomer)))
+        .await
+        .expect("the upgrade needs no store");
+    newcomer
+        .send_record(r#"{"protocol":"json","version":1}"#)
+        .await;
+    assert_eq!(newcomer.next_text().await.as_deref(), Some("{}\u{1e}"));
+    let close = newcomer.expect_close().await;
+    assert_eq!(close["allowReconnect"], true, "{close}");
+    assert!(
+        close["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unavailable")),
+        "{close}"
+    );
+}
