@@ -13,19 +13,15 @@
 use std::sync::Arc;
 
 use switchboard_core::ConnectionStore;
-use switchboard_core::testkit::workload::{add_remove_pairs, lookups};
+use switchboard_core::testkit::workload::measure;
 use switchboard_memory::MemoryStore;
 use switchboard_sql::{SqlConfig, SqlStore};
 use switchboard_testkit_postgres::PostgresServer;
 
 async fn run(name: &str, store: Arc<dyn ConnectionStore>, per_task: usize, tasks: usize) {
-    // Warm up the pools and statement caches.
-    let _ = add_remove_pairs(store.clone(), "w", 10, tasks).await;
-    let rate = add_remove_pairs(store.clone(), "p", per_task, tasks).await;
-    let t = lookups(store, 5000).await;
     println!(
-        "{name:<28} {rate:>10.0} pairs/s   lookup p50 {:>9.1?} p99 {:>9.1?}   users page(100) {:>9.1?}",
-        t.p50, t.p99, t.page
+        "{name:<28} {}",
+        measure(store, per_task, tasks, 10, 5000).await
     );
 }
 

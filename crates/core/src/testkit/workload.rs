@@ -100,3 +100,43 @@ pub async fn lookups(store: Arc<dyn ConnectionStore>, samples: usize) -> LookupT
         page: page_time,
     }
 }
+
+/// What [`measure`] found for one store.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    /// Add + remove pairs per second, from [`add_remove_pairs`].
+    pub pairs_per_second: f64,
+    /// The lookup and page times, from [`lookups`].
+    pub lookups: LookupTimes,
+}
+
+impl std::fmt::Display for Measured {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:>10.0} pairs/s   lookup p50 {:>9.1?} p99 {:>9.1?}   users page(100) {:>9.1?}",
+            self.pairs_per_second, self.lookups.p50, self.lookups.p99, self.lookups.page
+        )
+    }
+}
+
+/// The whole workload on `store`: `warmup` pairs per task to warm pools and caches, then
+/// [`add_remove_pairs`] and [`lookups`] with `samples` lookups.
+///
+/// # Panics
+///
+/// When an operation fails.
+pub async fn measure(
+    store: Arc<dyn ConnectionStore>,
+    per_task: usize,
+    tasks: usize,
+    warmup: usize,
+    samples: usize,
+) -> Measured {
+    let _ = add_remove_pairs(store.clone(), "w", warmup, tasks).await;
+    let pairs_per_second = add_remove_pairs(store.clone(), "p", per_task, tasks).await;
+    Measured {
+        pairs_per_second,
+        lookups: lookups(store, samples).await,
+    }
+}
