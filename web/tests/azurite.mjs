@@ -6,26 +6,14 @@
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 
-import { REPO_ROOT, freePort, sleep, waitUntil, withTimeout } from './support.mjs';
+import { REPO_ROOT, freePort, killOnExit, listening, sleep, waitUntil, withTimeout } from './support.mjs';
 
 /** The development storage account every Azurite serves, and its published key. */
 export const ACCOUNT = 'devstoreaccount1';
 export const ACCOUNT_KEY = 'Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==';
-
-const children = new Set();
-process.on('exit', () => {
-  for (const child of children) {
-    try {
-      child.kill('SIGKILL');
-    } catch (_) {
-      /* already gone */
-    }
-  }
-});
 
 /** The azurite-table executable, or throws saying how to get it. */
 function executable() {
@@ -34,22 +22,6 @@ function executable() {
     throw new Error(`Azurite is not installed at ${bin}: run \`npm ci\` in web/ (scripts/test.sh does), or set SWITCHBOARD_AZURITE_TABLE`);
   }
   return bin;
-}
-
-/** Resolves true when something accepts TCP connections on 127.0.0.1:`port`. */
-function listening(port) {
-  return new Promise((resolve) => {
-    const socket = net.connect(port, '127.0.0.1');
-    socket.setTimeout(1_000, () => {
-      socket.destroy();
-      resolve(false);
-    });
-    socket.on('connect', () => {
-      socket.destroy();
-      resolve(true);
-    });
-    socket.on('error', () => resolve(false));
-  });
 }
 
 /**
@@ -78,7 +50,7 @@ export async function startAzurite(port) {
         cwd: dir,
         stdio: ['ignore', 'pipe', 'pipe'],
       });
-      children.add(child);
+      killOnExit(child);
       const keep = (chunk) => {
         log += chunk;
         if (log.length > 100_000) log = log.slice(-50_000);
@@ -90,7 +62,6 @@ export async function startAzurite(port) {
       const current = child;
       exited = new Promise((resolve) => current.on('exit', (code, signal) => resolve({ code, signal })));
       exited.then(() => {
-        children.delete(current);
         if (child === current) child = null;
       });
       await waitUntil(

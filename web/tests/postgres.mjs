@@ -5,11 +5,10 @@
 // server runs as that user.
 import { spawn, spawnSync } from 'node:child_process';
 import { chownSync, existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 
-import { sleep, waitUntil, withTimeout } from './support.mjs';
+import { listening, sleep, waitUntil, withTimeout } from './support.mjs';
 
 const children = new Set();
 process.on('exit', () => {
@@ -49,22 +48,6 @@ function owner() {
   if (!line) throw new Error('running as root and there is no `postgres` user to run PostgreSQL as');
   const fields = line.split(':');
   return { uid: Number(fields[2]), gid: Number(fields[3]) };
-}
-
-/** Resolves true when something accepts TCP connections on 127.0.0.1:`port`. */
-function listening(port) {
-  return new Promise((resolve) => {
-    const socket = net.connect(port, '127.0.0.1');
-    socket.setTimeout(1_000, () => {
-      socket.destroy();
-      resolve(false);
-    });
-    socket.on('connect', () => {
-      socket.destroy();
-      resolve(true);
-    });
-    socket.on('error', () => resolve(false));
-  });
 }
 
 /**

@@ -78,8 +78,31 @@ export async function waitUntil(check, what, { timeoutMs = WAIT_MS, intervalMs =
   }
 }
 
-// Every child process started here, so that none outlives the test process.
+// Every child process started by the tests, so that none outlives the test process.
 const children = new Set();
+
+/** Kills `child` with SIGKILL if it is still running when the test process exits. */
+export function killOnExit(child) {
+  children.add(child);
+  child.on('exit', () => children.delete(child));
+  return child;
+}
+
+/** Resolves true when something accepts TCP connections on 127.0.0.1:`port`. */
+export function listening(port) {
+  return new Promise((resolve) => {
+    const socket = net.connect(port, '127.0.0.1');
+    socket.setTimeout(1_000, () => {
+      socket.destroy();
+      resolve(false);
+    });
+    socket.on('connect', () => {
+      socket.destroy();
+      resolve(true);
+    });
+    socket.on('error', () => resolve(false));
+  });
+}
 process.on('exit', () => {
   for (const child of children) {
     try {
