@@ -628,28 +628,33 @@ impl AzureStore {
                 return Ok(view.clone());
             }
         }
+        self.load_leases().await.map(|(view, _)| view)
+    }
+
+    /// Reads the lease partition into the cached view, and answers the rows too (with their
+    /// ETags, for conditional deletes).
+    async fn load_leases(&self) -> Result<(LeaseView, Vec<Read<StoredLease>>), StoreError> {
         let read_at = Instant::now();
         let rows = self.read_leases().await?;
-        let mut leases = HashMap::with_capacity(rows.len());
-        for row in rows {
-            let (Some(node), Some(stamp)) =
-                (row.entity.node.clone(), ServiceTime::parse(&row.timestamp))
-            else {
-                continue;
-            };
-            leases.insert(
-                node,
-                LeaseState {
-                    expires: stamp.plus(row.entity.ttl()),
-                },
-            );
-        }
+        let leases = rows
+            .iter()
+            .filter_map(|row| {
+                let node = row.entity.node.clone()?;
+                let stamp = ServiceTime::parse(&row.timestamp)?;
+                Some((
+                    node,
+                    LeaseState {
+                        expires: stamp.plus(row.entity.ttl()),
+                    },
+                ))
+            })
+            .collect();
         let view = LeaseView {
             read_at: Some(read_at),
             leases: Arc::new(leases),
         };
         *self.leases.lock().unwrap_or_else(PoisonError::into_inner) = view.clone();
-        Ok(view)
+        Ok((view, rows))
     }
 
     /// A lease view fit to judge `nodes` now: the cached one when it shows them all live or
@@ -1012,7 +1017,7 @@ impl ConnectionStore for AzureStore {
         let rows = self.scan(filter, "PartitionKey,RowKey,Node").await?;
         // Read the leases again after the scan: a node that renewed meanwhile (and may have
         // recorded its connections again before the scan read them) keeps its records.
-        let view = self.refresh_leases().await?;
+        let (view, leases) = self.load_leases().await?;
         let now = self.now().await?;
         let doomed: Vec<_> = rows
             .into_iter()
@@ -1026,13 +1031,13 @@ impl ConnectionStore for AzureStore {
         } else {
             self.delete_grouped(doomed, true).await?
         };
-        // Forget expired leases, each only if it was not renewed meanwhile.
-        let leases = self.read_leases().await?;
-        let now = self.now().await?;
+        // Forget the leases that had expired, each only if it was not renewed since (its
+        // ETag is unchanged).
         for lease in leases {
-            let expired = ServiceTime::parse(&lease.timestamp)
-                .is_some_and(|stamp| stamp.plus(lease.entity.ttl()) <= now);
-            if !expired {
+            let Some(node) = &lease.entity.node else {
+                continue;
+            };
+            if view.judge(node, now) != Judgement::Expired {
                 continue;
             }
             let gone = self
@@ -1041,9 +1046,7 @@ impl ConnectionStore for AzureStore {
                         .delete(LEASES, &lease.entity.row, Some(&lease.etag))
                 })
                 .await?;
-            if gone == Deleted::Gone
-                && let Some(node) = &lease.entity.node
-            {
+            if gone == Deleted::Gone {
                 self.cache_lease(node, None);
             }
         }
