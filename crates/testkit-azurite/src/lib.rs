@@ -102,15 +102,25 @@ impl Azurite {
         ));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-        let azurite = Self {
+        let mut azurite = Self {
             port: free_port(),
             bin,
             dir,
             persistent,
             child: Mutex::new(None),
         };
-        azurite.spawn();
-        azurite
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match azurite.spawn() {
+                Ok(()) => return azurite,
+                Err(why) => failures.push(why),
+            }
+            azurite.port = free_port();
+        }
+        panic!(
+            "Azurite did not start in 3 attempts:\n{}",
+            failures.join("\n")
+        );
     }
 
     /// The port the table service listens on, on 127.0.0.1.
@@ -185,7 +195,9 @@ impl Azurite {
     /// When it is still running, or does not accept connections within 30 s.
     pub fn start_again(&self) {
         assert!(!self.is_running(), "Azurite is still running");
-        self.spawn();
+        if let Err(why) = self.spawn() {
+            panic!("{why}");
+        }
     }
 
     fn child(&self) -> MutexGuard<'_, Option<Child>> {
@@ -196,7 +208,9 @@ impl Azurite {
         self.dir.join("azurite.log")
     }
 
-    fn spawn(&self) {
+    /// Starts the process and waits until it answers; `Err` when it exited first (its port
+    /// was taken, for one).
+    fn spawn(&self) -> Result<(), String> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -225,11 +239,13 @@ impl Azurite {
         *self.child() = Some(child);
         let deadline = Instant::now() + READY_BOUND;
         while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+            // Another process may hold the port for a moment (a free-port probe of a test
+            // running beside this one), so only Azurite's own answer counts as ready.
+            if answers_as_azurite(self.port) && self.is_running() {
+                return Ok(());
             }
             if !self.is_running() {
-                panic!("Azurite exited at start:\n{}", self.log());
+                return Err(format!("Azurite exited at start:\n{}", self.log()));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -286,6 +302,30 @@ fn executable() -> PathBuf {
         return PathBuf::from(path);
     }
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web/node_modules/.bin/azurite-table")
+}
+
+/// Whether the server on 127.0.0.1:`port` answers an HTTP request as Azurite does (its
+/// `Server` header names it).
+fn answers_as_azurite(port: u16) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let request = "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 1024];
+    let mut read = 0;
+    while read < head.len() {
+        match stream.read(&mut head[read..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => read += n,
+        }
+    }
+    String::from_utf8_lossy(&head[..read]).contains("Azurite")
 }
 
 fn free_port() -> u16 {
