@@ -88,7 +88,7 @@
 //! nothing). The SDK is the legacy line without a maintained successor; the seam is where a
 //! client speaking the Table REST API directly (SharedKeyLite signing) would go.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -956,6 +956,18 @@ impl ConnectionStore for AzureStore {
             users: users.len() as u64,
             connections: entities.len() as u64,
         })
+    }
+
+    async fn counts_by_node(&self) -> Result<BTreeMap<NodeId, u64>, StoreError> {
+        let mut counts = BTreeMap::new();
+        for entity in self.live_entities().await? {
+            let node = entity.node.as_deref().unwrap_or_default();
+            let node = NodeId::new(node).map_err(|e| {
+                StoreError::Corrupt(format!("a connection names an invalid node: {e}"))
+            })?;
+            *counts.entry(node).or_insert(0) += 1;
+        }
+        Ok(counts)
     }
 
     async fn heartbeat(&self, node: &NodeId, ttl: Duration) -> Result<Lease, StoreError> {

@@ -177,6 +177,18 @@ impl ConnectionStore for GlobalMutexStore {
         Ok(counts)
     }
 
+    async fn counts_by_node(&self) -> Result<std::collections::BTreeMap<NodeId, u64>, StoreError> {
+        let state = self.state();
+        let expired = state.expired();
+        let mut counts = std::collections::BTreeMap::new();
+        for record in state.users.values().flat_map(|conns| conns.values()) {
+            if visible(&expired, record) {
+                *counts.entry(record.node().clone()).or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
+    }
+
     async fn heartbeat(&self, node: &NodeId, ttl: Duration) -> Result<Lease, StoreError> {
         let now = Instant::now();
         let previous = self

@@ -41,7 +41,7 @@
 //! count is split into per-thread stripes, so counting does not make every connect and
 //! disconnect fight over one cache line.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
@@ -195,6 +195,19 @@ impl ConnectionStore for MemoryStore {
             let live = entry.value().iter().filter(|r| expired.shows(r)).count() as u64;
             counts.users += u64::from(live > 0);
             counts.connections += live;
+        }
+        Ok(counts)
+    }
+
+    async fn counts_by_node(&self) -> Result<BTreeMap<NodeId, u64>, StoreError> {
+        let expired = self.leases.expired();
+        let mut counts = BTreeMap::new();
+        for entry in &self.users {
+            for record in entry.value() {
+                if expired.as_ref().is_none_or(|expired| expired.shows(record)) {
+                    *counts.entry(record.node().clone()).or_insert(0) += 1;
+                }
+            }
         }
         Ok(counts)
     }

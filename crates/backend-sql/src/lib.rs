@@ -103,7 +103,7 @@
 //! transient too; constraint violations and everything else are permanent.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::str::FromStr as _;
 use std::sync::{Arc, OnceLock};
@@ -662,6 +662,41 @@ fn to_count(n: i64) -> u64 {
 mod sql {
     //! The statements, per dialect. Only bound parameters reach them.
 
+    /// Which bounds a page of users has, each a parameter bound in this order: the cursor
+    /// (`> after`), the prefix (`>= prefix`) and the end of the prefix's range (`< upper`).
+    #[derive(Debug, Clone, Copy)]
+    pub struct Bounds {
+        pub after: bool,
+        pub from: bool,
+        pub below: bool,
+    }
+
+    /// The page-of-users statement with `bounds`, numbering parameters `{mark}1..`; the
+    /// limit is the last parameter.
+    fn users(bounds: Bounds, live_user: &str, mark: char) -> String {
+        let mut conditions = Vec::new();
+        let mut n = 0;
+        let mut param = || {
+            n += 1;
+            format!("{mark}{n}")
+        };
+        if bounds.after {
+            conditions.push(format!("u.user_id > {}", param()));
+        }
+        if bounds.from {
+            conditions.push(format!("u.user_id >= {}", param()));
+        }
+        if bounds.below {
+            conditions.push(format!("u.user_id < {}", param()));
+        }
+        conditions.push(live_user.to_owned());
+        let limit = param();
+        format!(
+            "SELECT u.user_id FROM users u WHERE {} ORDER BY u.user_id LIMIT {limit}",
+            conditions.join(" AND ")
+        )
+    }
+
     pub mod pg {
         pub const ADD: &str = "INSERT INTO connections (connection_id, user_id, node_id, user_agent, connected_at) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (connection_id) DO NOTHING";
@@ -684,20 +719,15 @@ mod sql {
              WHERE c.user_id = $1 AND (n.expires_at IS NULL OR n.expires_at > clock_timestamp())";
         const LIVE_USER: &str = "EXISTS (SELECT 1 FROM connections c LEFT JOIN nodes n ON n.node_id = c.node_id \
              WHERE c.user_id = u.user_id AND (n.expires_at IS NULL OR n.expires_at > clock_timestamp()))";
-        pub fn users(after: bool) -> String {
-            if after {
-                format!(
-                    "SELECT u.user_id FROM users u WHERE u.user_id > $1 AND {LIVE_USER} ORDER BY u.user_id LIMIT $2"
-                )
-            } else {
-                format!(
-                    "SELECT u.user_id FROM users u WHERE {LIVE_USER} ORDER BY u.user_id LIMIT $1"
-                )
-            }
+        pub fn users(bounds: super::Bounds) -> String {
+            super::users(bounds, LIVE_USER, '$')
         }
         pub const COUNTS: &str = "SELECT count(*), count(DISTINCT c.user_id) \
              FROM connections c LEFT JOIN nodes n ON n.node_id = c.node_id \
              WHERE n.expires_at IS NULL OR n.expires_at > clock_timestamp()";
+        pub const COUNTS_BY_NODE: &str = "SELECT c.node_id, count(*) \
+             FROM connections c LEFT JOIN nodes n ON n.node_id = c.node_id \
+             WHERE n.expires_at IS NULL OR n.expires_at > clock_timestamp() GROUP BY c.node_id";
         pub const HEARTBEAT: &str = "INSERT INTO nodes (node_id, expires_at, previous_expires_at) \
              VALUES ($1, clock_timestamp() + make_interval(secs => $2), NULL) \
              ON CONFLICT (node_id) DO UPDATE SET \
@@ -751,20 +781,15 @@ mod sql {
              WHERE c.user_id = ?1 AND (n.expires_at IS NULL OR n.expires_at > unixepoch('subsec'))";
         const LIVE_USER: &str = "EXISTS (SELECT 1 FROM connections c LEFT JOIN nodes n ON n.node_id = c.node_id \
              WHERE c.user_id = u.user_id AND (n.expires_at IS NULL OR n.expires_at > unixepoch('subsec')))";
-        pub fn users(after: bool) -> String {
-            if after {
-                format!(
-                    "SELECT u.user_id FROM users u WHERE u.user_id > ?1 AND {LIVE_USER} ORDER BY u.user_id LIMIT ?2"
-                )
-            } else {
-                format!(
-                    "SELECT u.user_id FROM users u WHERE {LIVE_USER} ORDER BY u.user_id LIMIT ?1"
-                )
-            }
+        pub fn users(bounds: super::Bounds) -> String {
+            super::users(bounds, LIVE_USER, '$')
         }
         pub const COUNTS: &str = "SELECT count(*), count(DISTINCT c.user_id) \
              FROM connections c LEFT JOIN nodes n ON n.node_id = c.node_id \
              WHERE n.expires_at IS NULL OR n.expires_at > unixepoch('subsec')";
+        pub const COUNTS_BY_NODE: &str = "SELECT c.node_id, count(*) \
+             FROM connections c LEFT JOIN nodes n ON n.node_id = c.node_id \
+             WHERE n.expires_at IS NULL OR n.expires_at > unixepoch('subsec') GROUP BY c.node_id";
         pub const HEARTBEAT: &str = "INSERT INTO nodes (node_id, expires_at, previous_expires_at) \
              VALUES (?1, unixepoch('subsec') + ?2, NULL) \
              ON CONFLICT (node_id) DO UPDATE SET \
@@ -1255,12 +1280,25 @@ impl ConnectionStore for SqlStore {
         let fetch = i64::try_from(limit)
             .unwrap_or(i64::MAX - 1)
             .saturating_add(1);
+        // Users within a prefix are exactly those in [prefix, upper) in byte order, which
+        // the primary key's index finds as a range.
+        let upper = page.prefix_upper_bound();
+        let bounds = sql::Bounds {
+            after: page.after.is_some(),
+            from: page.prefix().is_some(),
+            below: upper.is_some(),
+        };
+        let binds = [
+            page.after.as_ref().map(UserId::as_str),
+            page.prefix(),
+            upper.as_deref(),
+        ];
         let rows: Vec<String> = match &*self.inner {
             Inner::Sqlite { read, .. } => {
-                let statement = sql::sqlite::users(page.after.is_some());
+                let statement = sql::sqlite::users(bounds);
                 let mut query = sqlx::query_scalar::<_, String>(&statement);
-                if let Some(after) = &page.after {
-                    query = query.bind(after.as_str());
+                for bind in binds.into_iter().flatten() {
+                    query = query.bind(bind);
                 }
                 query
                     .bind(fetch)
@@ -1269,10 +1307,10 @@ impl ConnectionStore for SqlStore {
                     .map_err(|e| store_error(Dialect::Sqlite, e))?
             }
             Inner::Postgres { pool, .. } => {
-                let statement = sql::pg::users(page.after.is_some());
+                let statement = sql::pg::users(bounds);
                 let mut query = sqlx::query_scalar::<_, String>(&statement);
-                if let Some(after) = &page.after {
-                    query = query.bind(after.as_str());
+                for bind in binds.into_iter().flatten() {
+                    query = query.bind(bind);
                 }
                 query
                     .bind(fetch)
@@ -1282,6 +1320,25 @@ impl ConnectionStore for SqlStore {
             }
         };
         page_of(rows, limit)
+    }
+
+    async fn counts_by_node(&self) -> Result<BTreeMap<NodeId, u64>, StoreError> {
+        let rows: Vec<(String, i64)> = match &*self.inner {
+            Inner::Sqlite { read, .. } => sqlx::query_as(sql::sqlite::COUNTS_BY_NODE)
+                .fetch_all(read)
+                .await
+                .map_err(|e| store_error(Dialect::Sqlite, e))?,
+            Inner::Postgres { pool, .. } => sqlx::query_as(sql::pg::COUNTS_BY_NODE)
+                .fetch_all(pool)
+                .await
+                .map_err(|e| store_error(Dialect::Postgres, e))?,
+        };
+        rows.into_iter()
+            .map(|(node, count)| {
+                let node = NodeId::new(&node).map_err(|e| corrupt("node id", e))?;
+                Ok((node, to_count(count)))
+            })
+            .collect()
     }
 
     async fn counts(&self) -> Result<Counts, StoreError> {

@@ -1,5 +1,6 @@
 //! The [`ConnectionStore`] trait: which user is behind which connection.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -29,12 +30,54 @@ pub struct PageRequest {
     pub after: Option<UserId>,
     /// Most users per page; at least 1 is always used. Default 100.
     pub limit: usize,
+    /// Only users whose id starts with this text (byte for byte; `None` or empty: everyone).
+    /// The cursor works within the prefix as without it.
+    pub prefix: Option<String>,
 }
 
 impl PageRequest {
     /// The first page with `limit` users at most.
     pub fn first(limit: usize) -> Self {
-        Self { after: None, limit }
+        Self {
+            after: None,
+            limit,
+            prefix: None,
+        }
+    }
+
+    /// This request, limited to users whose id starts with `prefix` (empty: everyone).
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        let prefix = prefix.into();
+        self.prefix = (!prefix.is_empty()).then_some(prefix);
+        self
+    }
+
+    /// The prefix users must start with, if any (never empty).
+    pub fn prefix(&self) -> Option<&str> {
+        self.prefix.as_deref().filter(|p| !p.is_empty())
+    }
+
+    /// Whether `user` belongs on a page of this request: after the cursor and within the
+    /// prefix.
+    pub fn admits(&self, user: &UserId) -> bool {
+        self.after.as_ref().is_none_or(|after| user > after)
+            && self.prefix().is_none_or(|p| user.as_str().starts_with(p))
+    }
+
+    /// For stores that query a sorted range: the smallest id past which no user starts with
+    /// the prefix (the prefix with its last character raised by one), or `None` when there
+    /// is no prefix or no such bound. Users within the prefix are exactly those `>= prefix`
+    /// and `< upper bound`, in byte order.
+    pub fn prefix_upper_bound(&self) -> Option<String> {
+        let mut chars: Vec<char> = self.prefix()?.chars().collect();
+        while let Some(last) = chars.pop() {
+            let next = (u32::from(last) + 1..=u32::from(char::MAX)).find_map(char::from_u32);
+            if let Some(next) = next {
+                chars.push(next);
+                return Some(chars.into_iter().collect());
+            }
+        }
+        None
     }
 
     /// `limit` clamped to at least 1.
@@ -47,10 +90,7 @@ impl PageRequest {
     /// that scan an unordered map; the work is linear in the scan, not `n log n`.
     pub fn select(&self, users: impl IntoIterator<Item = UserId>) -> UserPage {
         let limit = self.effective_limit();
-        let mut users: Vec<UserId> = users
-            .into_iter()
-            .filter(|u| self.after.as_ref().is_none_or(|after| u > after))
-            .collect();
+        let mut users: Vec<UserId> = users.into_iter().filter(|u| self.admits(u)).collect();
         let more = users.len() > limit;
         if more {
             // The `limit` smallest ids, without sorting the whole scan.
@@ -183,6 +223,19 @@ pub trait ConnectionStore: Send + Sync + fmt::Debug + 'static {
         ))
     }
 
+    /// Live connections per node, by the same rules as [`counts`](Self::counts): only nodes
+    /// holding at least one appear. For operators' views ("how is the load spread").
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unsupported`] when the store cannot list users; store failures.
+    async fn counts_by_node(&self) -> Result<BTreeMap<NodeId, u64>, StoreError> {
+        Err(StoreError::unsupported(
+            self.capabilities().strategy,
+            "counting connections per node",
+        ))
+    }
+
     /// Takes or renews the lease of `node` for `ttl`, measured by the **store's** clock (a
     /// database's `now()`, the process clock of an in-memory store), so the clocks of the
     /// nodes never need to agree. Answers what the store found, so that a node learns when
@@ -277,12 +330,14 @@ mod tests {
         let second = PageRequest {
             after: first.next,
             limit: 2,
+            prefix: None,
         }
         .select(all.clone());
         assert_eq!(second.users, ids(&["c", "d"]));
         let last = PageRequest {
             after: second.next,
             limit: 2,
+            prefix: None,
         }
         .select(all);
         assert_eq!(last.users, ids(&["e"]));
@@ -291,5 +346,28 @@ mod tests {
             PageRequest::first(0).select(ids(&["x", "y"])).users.len(),
             1
         );
+    }
+
+    #[test]
+    fn a_prefix_limits_the_page_and_bounds_the_range() {
+        let all = ids(&["al", "alice", "alicia", "bob", "ali\u{10FFFF}z", "Alice"]);
+        let page = PageRequest::first(10)
+            .with_prefix("ali")
+            .select(all.clone());
+        assert_eq!(page.users, ids(&["alice", "alicia", "ali\u{10FFFF}z"]));
+        let first = PageRequest::first(1).with_prefix("ali").select(all.clone());
+        let rest = PageRequest {
+            after: first.next.clone(),
+            ..PageRequest::first(10).with_prefix("ali")
+        }
+        .select(all);
+        assert_eq!(first.users.len() + rest.users.len(), 3);
+        assert_eq!(PageRequest::first(1).with_prefix("").prefix(), None);
+        let bound = |p: &str| PageRequest::first(1).with_prefix(p).prefix_upper_bound();
+        assert_eq!(bound("ali").as_deref(), Some("alj"));
+        assert_eq!(bound("a\u{D7FF}").as_deref(), Some("a\u{E000}"));
+        assert_eq!(bound("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(bound("\u{10FFFF}"), None);
+        assert_eq!(PageRequest::first(1).prefix_upper_bound(), None);
     }
 }

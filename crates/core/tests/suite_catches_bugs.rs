@@ -53,6 +53,10 @@ enum Bug {
     ReleaseRemovesOtherNodes,
     /// `heartbeat` always answers `Renewed`.
     HeartbeatAlwaysRenewed,
+    /// Pages of users ignore the name prefix.
+    IgnoresPrefix,
+    /// Counts per node leave out the last node.
+    DropsANodeCount,
     /// Claims `speed = Network`, with the outage its harness offers.
     Network(Outage),
 }
@@ -187,8 +191,24 @@ impl ConnectionStore for Broken {
                 next: None,
             }),
             Bug::ClaimsListingButAnswersEmpty => Ok(UserPage::default()),
+            Bug::IgnoresPrefix => {
+                self.inner
+                    .users(PageRequest {
+                        prefix: None,
+                        ..page
+                    })
+                    .await
+            }
             _ => self.inner.users(page).await,
         }
+    }
+
+    async fn counts_by_node(&self) -> Result<BTreeMap<NodeId, u64>, StoreError> {
+        let mut counts = self.inner.counts_by_node().await?;
+        if let Bug::DropsANodeCount = self.bug {
+            counts.pop_last();
+        }
+        Ok(counts)
     }
 
     async fn counts(&self) -> Result<Counts, StoreError> {
@@ -407,6 +427,16 @@ catches!(
     a_store_that_claims_listing_but_cannot_fails,
     Bug::ClaimsListingButAnswersEmpty,
     listing_matches_capabilities
+);
+catches!(
+    a_store_that_ignores_the_prefix_fails,
+    Bug::IgnoresPrefix,
+    prefix_pages_and_node_counts_match_capabilities
+);
+catches!(
+    a_store_that_miscounts_nodes_fails,
+    Bug::DropsANodeCount,
+    prefix_pages_and_node_counts_match_capabilities
 );
 catches!(
     a_store_that_sweeps_live_nodes_fails,

@@ -1,5 +1,6 @@
 //! A deadline on every store call: a hung database never hangs a connect or a hub call.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -73,6 +74,10 @@ impl ConnectionStore for WithDeadline {
 
     async fn counts(&self) -> Result<Counts, StoreError> {
         self.run(self.inner.counts()).await
+    }
+
+    async fn counts_by_node(&self) -> Result<BTreeMap<NodeId, u64>, StoreError> {
+        self.run(self.inner.counts_by_node()).await
     }
 
     async fn heartbeat(&self, node: &NodeId, ttl: Duration) -> Result<Lease, StoreError> {

@@ -69,6 +69,10 @@ impl ConnectionStore for LimitedStore {
         self.inner.counts().await
     }
 
+    async fn counts_by_node(&self) -> Result<std::collections::BTreeMap<NodeId, u64>, StoreError> {
+        self.inner.counts_by_node().await
+    }
+
     async fn heartbeat(&self, node: &NodeId, ttl: Duration) -> Result<Lease, StoreError> {
         self.inner.heartbeat(node, ttl).await
     }

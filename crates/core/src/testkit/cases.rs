@@ -26,7 +26,7 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use super::{Harness, Scope, conn, node, poll_once, record, t0, unique_namespace, user};
 use crate::{
     ConnectionRecord, ConnectionStore, Lease, NodeId, OrphanCleanup, PageRequest, Removal, Speed,
-    StoreError, UserId,
+    StoreError, UserId, UserPage,
 };
 
 async fn fresh(harness: &dyn Harness) -> Arc<dyn ConnectionStore> {
@@ -73,7 +73,7 @@ async fn all_users(store: &dyn ConnectionStore, page_size: usize) -> Option<Vec<
         let page = store
             .users(PageRequest {
                 after: after.clone(),
-                limit: page_size,
+                ..PageRequest::first(page_size)
             })
             .await
             .unwrap_or_else(|e| panic!("users() failed: {e}"));
@@ -403,7 +403,7 @@ pub async fn listing_matches_capabilities(harness: &dyn Harness) {
         let last = store
             .users(PageRequest {
                 after: Some(expected[3].clone()),
-                limit: 5,
+                ..PageRequest::first(5)
             })
             .await
             .unwrap_or_else(|e| panic!("users(): {e}"));
@@ -419,6 +419,89 @@ pub async fn listing_matches_capabilities(harness: &dyn Harness) {
         let err = store.counts().await.expect_err("cannot list, yet counted");
         assert!(err.is_unsupported(), "expected Unsupported, got {err}");
     }
+}
+
+/// A store that can list users pages through exactly the users within a name prefix (byte
+/// for byte, the cursor working within it) and counts live connections per node; one that
+/// cannot answers `Unsupported` to both.
+pub async fn prefix_pages_and_node_counts_match_capabilities(harness: &dyn Harness) {
+    let store = fresh(harness).await;
+    let names = [
+        "al",
+        "ali",
+        "alice",
+        "alicia",
+        "Alice",
+        "alí",
+        "alj",
+        "ali\u{10FFFF}x",
+        "bob",
+        "a",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        add_ok(&*store, record(&format!("c{i}"), name, "node-a")).await;
+    }
+    add_ok(&*store, record("d1", "alice", "node-b")).await;
+    add_ok(&*store, record("d2", "bob", "node-b")).await;
+    if !store.capabilities().can_list_users() {
+        let err = store
+            .users(PageRequest::first(10).with_prefix("ali"))
+            .await
+            .expect_err("cannot list, yet listed by prefix");
+        assert!(err.is_unsupported(), "expected Unsupported, got {err}");
+        let err = store
+            .counts_by_node()
+            .await
+            .expect_err("cannot list, yet counted per node");
+        assert!(err.is_unsupported(), "expected Unsupported, got {err}");
+        return;
+    }
+    let expected: Vec<UserId> = ["ali", "alice", "alicia", "ali\u{10FFFF}x"]
+        .iter()
+        .map(|n| user(n))
+        .collect();
+    for page_size in [1, 2, 3, 10] {
+        let mut got = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store
+                .users(PageRequest {
+                    after: after.clone(),
+                    ..PageRequest::first(page_size).with_prefix("ali")
+                })
+                .await
+                .unwrap_or_else(|e| panic!("users() by prefix: {e}"));
+            assert!(page.users.len() <= page_size);
+            got.extend(page.users);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+            assert!(got.len() <= names.len(), "the pages never end");
+        }
+        assert_eq!(got, expected, "prefix \"ali\", page size {page_size}");
+    }
+    let none = store
+        .users(PageRequest::first(10).with_prefix("zed"))
+        .await
+        .unwrap_or_else(|e| panic!("users() by prefix: {e}"));
+    assert_eq!(none, UserPage::default());
+    let all = store
+        .users(PageRequest::first(100).with_prefix(""))
+        .await
+        .unwrap_or_else(|e| panic!("users() with an empty prefix: {e}"));
+    assert_eq!(
+        all.users.len(),
+        names.len(),
+        "an empty prefix lists everyone"
+    );
+    let per_node = store
+        .counts_by_node()
+        .await
+        .unwrap_or_else(|e| panic!("counts_by_node(): {e}"));
+    let expected: BTreeMap<NodeId, u64> =
+        [(node("node-a"), names.len() as u64), (node("node-b"), 2)].into();
+    assert_eq!(per_node, expected);
 }
 
 /// With node leases, a sweep removes the connections of nodes whose lease ran out (or that

@@ -288,6 +288,7 @@ macro_rules! __conformance_cases {
             user_ids_are_normalized_once_and_compared_exactly,
             lookup_matches_capabilities,
             listing_matches_capabilities,
+            prefix_pages_and_node_counts_match_capabilities,
             capabilities_are_consistent,
             instances_on_one_namespace_share_records_as_claimed,
             records_survive_a_restart_as_claimed,

@@ -142,6 +142,8 @@ impl ConnectionStore for ReferenceStore {
         let mut users: Vec<UserId> = state
             .users
             .range::<UserId, _>((after, std::ops::Bound::Unbounded))
+            .skip_while(|(u, _)| page.prefix().is_some_and(|p| u.as_str() < p))
+            .take_while(|(u, _)| page.prefix().is_none_or(|p| u.as_str().starts_with(p)))
             .filter(|(_, conns)| conns.values().any(|r| state.visible(r, now)))
             .map(|(u, _)| u.clone())
             .take(limit + 1)
@@ -159,6 +161,18 @@ impl ConnectionStore for ReferenceStore {
         for (_, live) in state.visible_users(now) {
             counts.users += 1;
             counts.connections += live.len() as u64;
+        }
+        Ok(counts)
+    }
+
+    async fn counts_by_node(&self) -> Result<BTreeMap<NodeId, u64>, StoreError> {
+        let now = Instant::now();
+        let state = self.state();
+        let mut counts = BTreeMap::new();
+        for (_, live) in state.visible_users(now) {
+            for record in live {
+                *counts.entry(record.node().clone()).or_insert(0) += 1;
+            }
         }
         Ok(counts)
     }

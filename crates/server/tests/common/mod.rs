@@ -162,6 +162,7 @@ impl TestServer {
             &AppOptions {
                 dev_tokens: true,
                 vendor_dir,
+                admin: None,
             },
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -684,6 +685,11 @@ impl ConnectionStore for FlakyStore {
     async fn counts(&self) -> Result<Counts, StoreError> {
         self.inner.counts().await
     }
+    async fn counts_by_node(
+        &self,
+    ) -> Result<std::collections::BTreeMap<switchboard_core::NodeId, u64>, StoreError> {
+        self.inner.counts_by_node().await
+    }
     async fn heartbeat(
         &self,
         node: &switchboard_core::NodeId,
@@ -775,6 +781,11 @@ impl ConnectionStore for NoLookupStore {
     }
     async fn counts(&self) -> Result<switchboard_core::Counts, StoreError> {
         self.0.counts().await
+    }
+    async fn counts_by_node(
+        &self,
+    ) -> Result<std::collections::BTreeMap<switchboard_core::NodeId, u64>, StoreError> {
+        self.0.counts_by_node().await
     }
 }
 
