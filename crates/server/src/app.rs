@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 
 use switchboard_core::UserId;
 
+use crate::access::AdminAccess;
 use crate::auth::Authenticator;
 use crate::http::{self, HttpLimits};
 use crate::service::HubService;
@@ -31,6 +32,8 @@ pub struct AppOptions {
     /// Directory holding the SignalR browser client (`signalr.min.js`), served under
     /// `/vendor/`. `None` disables `/vendor/`.
     pub vendor_dir: Option<PathBuf>,
+    /// Who may see the operators' view (`/admin` and `/metrics`); `None` serves neither.
+    pub admin: Option<AdminAccess>,
 }
 
 #[derive(Clone)]

@@ -232,6 +232,21 @@ impl Authenticator {
     ///
     /// As [`Authenticator::verify`].
     pub fn verify_at(&self, token: &str, now: SystemTime) -> Result<UserId, AuthError> {
+        self.verify_claims_at(token, now)
+            .map(|verified| verified.user)
+    }
+
+    /// [`Authenticator::verify`], keeping the verified claims as well as the user, for
+    /// decisions beyond identity (such as an admin claim).
+    ///
+    /// # Errors
+    ///
+    /// As [`Authenticator::verify`].
+    pub fn verify_claims(&self, token: &str) -> Result<Verified, AuthError> {
+        self.verify_claims_at(token, SystemTime::now())
+    }
+
+    fn verify_claims_at(&self, token: &str, now: SystemTime) -> Result<Verified, AuthError> {
         let config = &*self.config;
         if token.is_empty() {
             return Err(AuthError::MissingToken);
@@ -271,7 +286,8 @@ impl Authenticator {
             "claims are not a JSON object",
             "claims have a duplicate key",
         )?;
-        check_claims(config, &claims, now)
+        let user = check_claims(config, &claims, now)?;
+        Ok(Verified { user, claims })
     }
 
     /// Mints an HS256 token for `user`, valid for `ttl` from now.
@@ -283,15 +299,36 @@ impl Authenticator {
         self.issue_at(user, ttl, SystemTime::now())
     }
 
+    /// [`Authenticator::issue`] with further claims (a role, a scope), which never replace
+    /// the user claim, `iat`, `exp`, `iss` or `aud`.
+    pub fn issue_with_claims(
+        &self,
+        user: &UserId,
+        ttl: Duration,
+        extra: impl IntoIterator<Item = (String, Value)>,
+    ) -> String {
+        self.issue_at_with(user, ttl, SystemTime::now(), extra)
+    }
+
     /// [`Authenticator::issue`] with an explicit "now".
     fn issue_at(&self, user: &UserId, ttl: Duration, now: SystemTime) -> String {
+        self.issue_at_with(user, ttl, now, [])
+    }
+
+    fn issue_at_with(
+        &self,
+        user: &UserId,
+        ttl: Duration,
+        now: SystemTime,
+        extra: impl IntoIterator<Item = (String, Value)>,
+    ) -> String {
         let config = &*self.config;
         let iat = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |since| since.as_secs());
         let exp = iat.saturating_add(ttl.as_secs());
 
-        let mut claims = Map::new();
+        let mut claims: Map<String, Value> = extra.into_iter().collect();
         claims.insert(config.user_claim.clone(), Value::from(user.as_str()));
         claims.insert("iat".to_owned(), Value::from(iat));
         claims.insert("exp".to_owned(), Value::from(exp));
@@ -472,6 +509,43 @@ fn unix_seconds(time: SystemTime) -> f64 {
 /// A JWT NumericDate: a JSON number of seconds since the epoch (fractions allowed).
 fn numeric_date(value: &Value, not_number: &'static str) -> Result<f64, AuthError> {
     value.as_f64().ok_or(AuthError::Malformed(not_number))
+}
+
+/// What a verified token says: the user and every claim, signature and time checked.
+///
+/// `Debug` shows the user and the claim names, never their values.
+#[derive(Clone)]
+pub struct Verified {
+    /// The user the token names.
+    pub user: UserId,
+    claims: Map<String, Value>,
+}
+
+impl Verified {
+    /// The verified claim `name`, if the token has it.
+    pub fn claim(&self, name: &str) -> Option<&Value> {
+        self.claims.get(name)
+    }
+
+    /// Whether claim `name` holds `value`: it is that string, or a JSON array holding that
+    /// string (as `roles` and `groups` claims of identity providers are), or a
+    /// space-separated list containing it (as OAuth's `scope` is).
+    pub fn has_claim_value(&self, name: &str, value: &str) -> bool {
+        match self.claims.get(name) {
+            Some(Value::String(s)) => s == value || s.split(' ').any(|part| part == value),
+            Some(Value::Array(items)) => items.iter().any(|item| item.as_str() == Some(value)),
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Debug for Verified {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Verified")
+            .field("user", &self.user)
+            .field("claims", &self.claims.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 /// Finds the bearer token of a request.

@@ -49,8 +49,11 @@
 //! | [`http`] | the HTTP server: timeouts and connection caps against slow or flooding clients |
 //! | [`config`] | [`HubOptions`] |
 //! | [`stores`] | the stores compiled into this build, by `--store` name |
+//! //! | [`access`] | who may see operators' data: the admin claim |
+//! | [`logs`] | text or JSON log lines, with the node id on every JSON line |
 //! | [`operators`] | `switchboard users` and `switchboard connections`: the store read directly |
 
+pub mod access;
 pub mod app;
 pub mod auth;
 pub mod chat;
@@ -60,6 +63,7 @@ mod dedupe;
 mod delivery;
 pub mod http;
 pub mod hub;
+pub mod logs;
 mod mailbox;
 mod maintenance;
 pub mod operators;

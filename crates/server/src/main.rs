@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use switchboard::access::{AdminAccess, AdminClaim};
 use switchboard::app::{self, AppOptions};
 use switchboard::auth::{Authenticator, JwtConfig};
 use switchboard::http::{self, HttpLimits};
+use switchboard::logs::{self, LogFormat};
 use switchboard::stores::{self, BackplaneKind, BackplaneSettings, StoreKind, StoreSettings};
 use switchboard::{HubOptions, HubService, chat};
-use switchboard_core::Capabilities;
+use switchboard_core::{Capabilities, NodeId};
 use tracing_subscriber::EnvFilter;
 
 /// Switchboard: a SignalR-compatible hub server that knows which user is behind which
@@ -157,6 +159,11 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = "127.0.0.1:5000")]
     listen: SocketAddr,
+    /// Log lines as readable text, or as one JSON object per line (with the node id on
+    /// every line, and connection and user fields on lines about a connection). The level
+    /// comes from SWITCHBOARD_LOG (default info).
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Development mode: anyone can get a token from POST /auth/dev-token. Never in production.
     #[arg(long, env = "SWITCHBOARD_DEV")]
     dev: bool,
@@ -169,6 +176,11 @@ struct ServeArgs {
     /// Required `aud` claim, if set.
     #[arg(long, env = "SWITCHBOARD_JWT_AUDIENCE")]
     jwt_audience: Option<String>,
+    /// The claim (name=value) a token needs to open /admin and read /metrics on the main
+    /// listener; it matches a string claim, an array claim holding the value, or a
+    /// space-separated list (like scope). --dev opens /admin to everyone.
+    #[arg(long, env = "SWITCHBOARD_ADMIN_CLAIM", default_value = AdminClaim::DEFAULT)]
+    admin_claim: AdminClaim,
     /// The token claim that names the user.
     #[arg(long, env = "SWITCHBOARD_USER_CLAIM", default_value = "sub")]
     user_claim: String,
@@ -333,14 +345,13 @@ fn main() -> anyhow::Result<()> {
             args.json,
         )),
         Command::Serve(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    EnvFilter::try_from_env("SWITCHBOARD_LOG")
-                        .unwrap_or_else(|_| EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr)
-                .init();
-            runtime()?.block_on(serve(*args))
+            let node = switchboard::service::fresh_node_id(&args.node_id).context(
+                "invalid --node-id prefix (use at most 55 characters from A-Z a-z 0-9 - . _ ~)",
+            )?;
+            let filter = EnvFilter::try_from_env("SWITCHBOARD_LOG")
+                .unwrap_or_else(|_| EnvFilter::new("info"));
+            logs::init(args.log_format, &node, filter).context("setting up logging")?;
+            runtime()?.block_on(serve(*args, node))
         }
     }
 }
@@ -423,7 +434,7 @@ fn authenticator(args: &ServeArgs) -> anyhow::Result<Authenticator> {
     Ok(Authenticator::new(config))
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, node: NodeId) -> anyhow::Result<()> {
     let auth = authenticator(&args)?;
     if args.dev {
         let banner = "DEVELOPMENT MODE: anyone can sign in as any user through POST /auth/dev-token. \
@@ -448,8 +459,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             stores::spanning_strategies()
         );
     }
-    let node = switchboard::service::fresh_node_id(&args.node_id)
-        .context("invalid --node-id prefix (use at most 55 characters from A-Z a-z 0-9 - . _ ~)")?;
     let options = HubOptions::default()
         .with_max_record_size(args.max_message_size)
         .with_keep_alive_interval(Duration::from_secs(args.keep_alive))
@@ -490,6 +499,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         &AppOptions {
             dev_tokens: args.dev,
             vendor_dir: Some(args.vendor_dir.clone()),
+            admin: Some(if args.dev {
+                AdminAccess::open(auth.clone())
+            } else {
+                AdminAccess::new(auth.clone(), args.admin_claim.clone())
+            }),
         },
     );
     let limits = http_limits(&args);

@@ -34,6 +34,7 @@ async fn main() -> anyhow::Result<()> {
         &AppOptions {
             dev_tokens: true,
             vendor_dir: Some("web/node_modules/@microsoft/signalr/dist/browser".into()),
+            admin: None,
         },
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:5001")
